@@ -1,0 +1,55 @@
+# message-sender: `make` alone lists the targets.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint bench chaos demo migrate services up down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its test extras
+
+services: ## make sure MariaDB, Redis and RabbitMQ answer on localhost (start them if installed but stopped)
+	@bash deploy/local-services.sh ensure
+
+run: $(STAMP) ## run gateway, producer, consumer and the local webhook stand-in (Ctrl-C stops all)
+	@$(BIN)/python deploy/run.py
+
+test: $(STAMP) services ## the whole test suite against the real MySQL, Redis and RabbitMQ
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not chaos"
+
+chaos: $(STAMP) services ## the long fault-injection suite
+	$(BIN)/pytest -m chaos
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP) services ## throughput, API latency and memory benchmark (prints a table)
+	$(BIN)/python -m bench
+
+demo: $(STAMP) ## insert sample messages for a running system
+	$(BIN)/message-sender demo
+
+migrate: $(STAMP) ## apply the schema migrations
+	$(BIN)/message-sender migrate
+
+up: ## docker compose up --build (the full stack in containers)
+	docker compose up --build
+
+down: ## docker compose down
+	docker compose down
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

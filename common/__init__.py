@@ -1,0 +1,1 @@
+"""Code shared by the producer, the consumer and the gateway of message-sender."""

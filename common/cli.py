@@ -1,0 +1,96 @@
+"""``message-sender``: operator commands (migrate, demo, cache-backfill)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import sys
+
+from common.cache import MessageCache
+from common.db import create_pool
+from common.errors import SettingsError
+from common.logs import setup_logging
+from common.migrations import migrate
+from common.settings import Settings
+from common.store import MessageStore
+
+log = logging.getLogger("message_sender")
+
+SAMPLES = [
+    "Insider - Project",
+    "Your code is 4821",
+    "Your order has shipped",
+    "Meeting moved to 3pm",
+    "Welcome aboard!",
+    "Reminder: appointment tomorrow",
+]
+
+
+async def _migrate(settings: Settings, _: argparse.Namespace) -> None:
+    pool = await create_pool(settings)
+    try:
+        applied = await migrate(pool)
+        print(f"schema is at the latest version ({'applied ' + str(applied) if applied else 'nothing to apply'})")
+    finally:
+        pool.close()
+        await pool.wait_closed()
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> None:
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool)
+        store = MessageStore(pool)
+        rows = [(f"+90555{random.randrange(10**6, 10**7)}", random.choice(SAMPLES)) for _ in range(args.count)]
+        await store.create_many(rows)
+        print(
+            f"inserted {args.count} pending messages; {settings.send_batch_size} go out every "
+            f"{settings.send_interval_seconds:g}s while sending is on"
+        )
+    finally:
+        pool.close()
+        await pool.wait_closed()
+
+
+async def _backfill(settings: Settings, args: argparse.Namespace) -> None:
+    """Write ``message:<messageId>`` for every sent row (after a Redis outage or flush)."""
+    import redis.asyncio as redis
+
+    pool = await create_pool(settings)
+    client = redis.from_url(settings.redis_url.reveal())
+    try:
+        store = MessageStore(pool)
+        cache = MessageCache(client, settings.cache_ttl_seconds, settings.redis_prefix)
+        after, written = 0, 0
+        while batch := await store.sent_with_remote_id(after, 1000):
+            await cache.put_many([(rid, mid, at) for mid, rid, at in batch])
+            written += len(batch)
+            after = batch[-1][0]
+        print(f"wrote {written} cache entries")
+    finally:
+        await client.aclose()
+        pool.close()
+        await pool.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="message-sender", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the schema migrations").set_defaults(run=_migrate)
+    demo = sub.add_parser("demo", help="insert sample pending messages")
+    demo.add_argument("--count", type=int, default=10)
+    demo.set_defaults(run=_demo)
+    sub.add_parser("cache-backfill", help="rewrite the Redis cache from MySQL").set_defaults(run=_backfill)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"message-sender: {exc}")
+    setup_logging(settings.log_level, settings.log_format)
+    asyncio.run(args.run(settings, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Versioned schema migrations, applied on start-up by every service and by ``message-sender migrate``.
+
+Each migration is a list of statements applied in order and recorded in ``schema_migrations``. A
+database-wide named lock (``GET_LOCK``) makes replicas that start at the same moment take turns: the
+first applies, the others find nothing left to do. Statements are written so that re-running a
+migration interrupted half-way (DDL commits implicitly) is harmless. All SQL runs unchanged on
+MySQL 8 and MariaDB 10.11.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiomysql
+
+from common.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_SECONDS = 60
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "messages, attempts, dispatch state, counters",
+        [
+            """
+            CREATE TABLE IF NOT EXISTS messages (
+                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+                recipient VARCHAR(20) NOT NULL,
+                content VARCHAR(160) NOT NULL,
+                status ENUM('pending','queued','sending','sent','failed') NOT NULL DEFAULT 'pending',
+                attempts INT UNSIGNED NOT NULL DEFAULT 0,
+                next_attempt_at DATETIME(6) NULL,
+                last_error VARCHAR(1000) NULL,
+                remote_message_id VARCHAR(128) NULL,
+                created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+                updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+                queued_at DATETIME(6) NULL,
+                sent_at DATETIME(6) NULL,
+                PRIMARY KEY (id),
+                KEY ix_messages_claim (status, created_at, id, next_attempt_at),
+                KEY ix_messages_sent (status, sent_at, id),
+                CONSTRAINT ck_messages_content CHECK (CHAR_LENGTH(content) BETWEEN 1 AND 160),
+                CONSTRAINT ck_messages_recipient CHECK (recipient REGEXP '^[+][0-9]{8,15}$')
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS message_attempts (
+                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+                message_id BIGINT UNSIGNED NOT NULL,
+                attempt INT UNSIGNED NOT NULL,
+                started_at DATETIME(6) NOT NULL,
+                finished_at DATETIME(6) NOT NULL,
+                outcome ENUM('sent','retry','failed') NOT NULL,
+                http_status SMALLINT UNSIGNED NULL,
+                error VARCHAR(1000) NULL,
+                duration_ms INT UNSIGNED NOT NULL,
+                PRIMARY KEY (id),
+                KEY ix_attempts_message (message_id, id)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS dispatch_state (
+                id TINYINT UNSIGNED NOT NULL,
+                sending BOOLEAN NOT NULL DEFAULT TRUE,
+                changed_at DATETIME(6) NULL,
+                leader VARCHAR(255) NULL,
+                last_tick_at DATETIME(6) NULL,
+                PRIMARY KEY (id),
+                CONSTRAINT ck_dispatch_state_single CHECK (id = 1)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            "INSERT INTO dispatch_state (id, sending, changed_at) SELECT 1, TRUE, UTC_TIMESTAMP(6) FROM DUAL"
+            " WHERE NOT EXISTS (SELECT 1 FROM dispatch_state WHERE id = 1)",
+            """
+            CREATE TABLE IF NOT EXISTS counters (
+                name VARCHAR(32) NOT NULL,
+                value BIGINT NOT NULL DEFAULT 0,
+                PRIMARY KEY (name)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            "INSERT INTO counters (name, value) SELECT 'sent', COUNT(*) FROM messages WHERE status = 'sent'"
+            " AND NOT EXISTS (SELECT 1 FROM counters WHERE name = 'sent')",
+        ],
+    ),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+async def current_version(conn: aiomysql.Connection) -> int:
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "SELECT COUNT(*) FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+        )
+        (exists,) = await cur.fetchone()
+        if not exists:
+            return 0
+        await cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        (version,) = await cur.fetchone()
+        return int(version)
+
+
+async def migrate(pool: aiomysql.Pool) -> list[int]:
+    """Bring the schema to :data:`LATEST`; return the versions applied by this call (empty: nothing to do)."""
+    applied: list[int] = []
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT GET_LOCK(CONCAT(DATABASE(), '.migrations'), %s)", (LOCK_TIMEOUT_SECONDS,))
+        (locked,) = await cur.fetchone()
+        if locked != 1:
+            raise MigrationError(f"could not take the migration lock within {LOCK_TIMEOUT_SECONDS}s")
+        try:
+            version = await current_version(conn)
+            if version == 0:
+                await cur.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INT UNSIGNED NOT NULL PRIMARY KEY,"
+                    " name VARCHAR(200) NOT NULL,"
+                    " applied_at DATETIME(6) NOT NULL"
+                    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+                )
+            for number, name, statements in MIGRATIONS:
+                if number <= version:
+                    continue
+                log.info("applying migration %d: %s", number, name)
+                for statement in statements:
+                    await cur.execute(statement)
+                await cur.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, UTC_TIMESTAMP(6))",
+                    (number, name),
+                )
+                applied.append(number)
+        finally:
+            await cur.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.migrations'))")
+            await cur.fetchone()
+    if applied:
+        log.info("schema migrated to version %d", LATEST)
+    return applied

@@ -1,0 +1,96 @@
+"""Typed models and the pure rules of the message lifecycle (validation, the redelivery decision)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from dataclasses import dataclass
+
+from common.errors import ValidationError
+
+RECIPIENT_RE = re.compile(r"^\+[0-9]{8,15}$")
+CONTENT_MAX = 160
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Action(enum.Enum):
+    """What a consumer does with one delivery, decided under the row lock."""
+
+    SEND = "send"  # it won the queued -> sending compare-and-set (or resends under at-least-once)
+    DROP = "drop"  # a duplicate: someone else has it or it is already finished
+    FAIL_UNKNOWN = "fail_unknown"  # its consumer died mid-request: the outcome is unknown (at-most-once)
+
+
+OUTCOME_UNKNOWN = "outcome unknown: the consumer stopped while the request was in flight; not resent (at-most-once)"
+
+
+def decide(status: str | None, redelivered: bool, at_least_once: bool) -> Action:
+    """The never-twice rule: only a ``queued`` row is sent; a ``sending`` row seen again on a broker
+    redelivery belonged to a consumer that died mid-request, so it is failed (at-most-once) or resent
+    (at-least-once). Anything else is a duplicate delivery and is dropped."""
+    if status == Status.QUEUED:
+        return Action.SEND
+    if status == Status.SENDING and redelivered:
+        return Action.SEND if at_least_once else Action.FAIL_UNKNOWN
+    return Action.DROP
+
+
+def validate_recipient(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError("recipient", "must be a string")
+    if not RECIPIENT_RE.match(value):
+        raise ValidationError("recipient", "must be an E.164 phone number: '+' followed by 8 to 15 digits")
+    return value
+
+
+def validate_content(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError("content", "must be a string")
+    if not value.strip():
+        raise ValidationError("content", "must not be empty")
+    if len(value) > CONTENT_MAX:
+        raise ValidationError("content", f"must be at most {CONTENT_MAX} characters (got {len(value)})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A row locked for delivery: what the consumer needs to send it."""
+
+    id: int
+    recipient: str
+    content: str
+    status: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one delivery attempt, written by :meth:`MessageStore.record_outcomes`."""
+
+    id: int
+    kind: str  # 'sent' | 'retry' | 'failed'
+    attempt: int
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    http_status: int | None = None
+    error: str | None = None
+    remote_message_id: str | None = None
+    next_attempt_at: dt.datetime | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return max(0, round((self.finished_at - self.started_at).total_seconds() * 1000))
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now, as stored in DATETIME(6) columns."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)

@@ -1,0 +1,366 @@
+"""The message store: every SQL statement of message-sender, in one place.
+
+Rows move ``pending -> queued`` (claim), ``queued -> sending`` (the consumer's compare-and-set) and
+``sending -> sent | pending (retry) | failed``. Every transition is a compare-and-set on ``status`` so
+that duplicate deliveries and racing replicas can never move a row twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import aiomysql
+
+from common.errors import ConflictError, NotFoundError
+from common.models import Action, Delivery, Outcome, Status
+
+MESSAGE_COLUMNS = "id, recipient, content, status, remote_message_id, attempts, created_at, sent_at"
+DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, updated_at"
+ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms"
+
+Row = dict[str, Any]
+
+
+def _in(ids: Sequence[int]) -> str:
+    return ", ".join(["%s"] * len(ids))
+
+
+def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[str, list[Any]]:
+    """A derived table ``(SELECT %s AS a, %s AS b UNION ALL SELECT %s, %s ...)`` for set-based updates
+    (portable between MySQL 8 and MariaDB, unlike ``VALUES ROW``)."""
+    first = "SELECT " + ", ".join(f"%s AS {n}" for n in names)
+    rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
+    sql = first + rest * (len(rows) - 1)
+    return sql, [v for row in rows for v in row]
+
+
+class MessageStore:
+    def __init__(self, pool: aiomysql.Pool) -> None:
+        self.pool = pool
+
+    # --- creating and reading -------------------------------------------------------------------
+
+    async def create(self, recipient: str, content: str) -> int:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("INSERT INTO messages (recipient, content) VALUES (%s, %s)", (recipient, content))
+            return int(cur.lastrowid)
+
+    async def create_many(self, rows: Iterable[tuple[str, str]]) -> int:
+        """Insert many pending messages in multi-row statements; returns how many."""
+        batch = list(rows)
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.executemany("INSERT INTO messages (recipient, content) VALUES (%s, %s)", batch)
+        return len(batch)
+
+    async def get(self, message_id: int) -> Row | None:
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(f"SELECT {DETAIL_COLUMNS} FROM messages WHERE id = %s", (message_id,))
+            row: Row | None = await cur.fetchone()
+            if row is None:
+                return None
+            await cur.execute(
+                f"SELECT {ATTEMPT_COLUMNS} FROM message_attempts WHERE message_id = %s ORDER BY id",
+                (message_id,),
+            )
+            row["attempt_log"] = list(await cur.fetchall())
+            return row
+
+    async def list_sent(self, limit: int, offset: int = 0) -> list[Row]:
+        """Sent messages, newest ``sent_at`` first; the offset is walked on the covering index only."""
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(
+                f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))} FROM ("
+                " SELECT id FROM messages WHERE status = 'sent'"
+                " ORDER BY sent_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
+                " JOIN messages AS m ON m.id = page.id ORDER BY m.sent_at DESC, m.id DESC",
+                (limit, offset),
+            )
+            return list(await cur.fetchall())
+
+    async def list_sent_after(self, sent_at: dt.datetime, message_id: int, limit: int) -> list[Row]:
+        """The page of sent messages that follows the one ending at ``(sent_at, message_id)``."""
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'sent'"
+                " AND (sent_at < %s OR (sent_at = %s AND id < %s))"
+                " ORDER BY sent_at DESC, id DESC LIMIT %s",
+                (sent_at, sent_at, message_id, limit),
+            )
+            return list(await cur.fetchall())
+
+    async def sent_total(self) -> int:
+        """How many messages are ``sent``: a counter kept in the same transactions that mark them."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT value FROM counters WHERE name = 'sent'")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    async def counts_by_status(self) -> dict[str, int]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
+            counts = {s.value: 0 for s in Status}
+            counts.update({status: int(n) for status, n in await cur.fetchall()})
+            return counts
+
+    # --- the producer's side --------------------------------------------------------------------
+
+    async def claim(self, limit: int) -> list[int]:
+        """Move up to ``limit`` due ``pending`` rows, oldest first, to ``queued``; return their ids.
+        ``SKIP LOCKED`` lets concurrent claimers take disjoint rows without waiting on each other."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await cur.execute(
+                    "SELECT id FROM messages WHERE status = 'pending'"
+                    " AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
+                    " ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (limit,),
+                )
+                ids = [int(r[0]) for r in await cur.fetchall()]
+                if ids:
+                    await cur.execute(
+                        f"UPDATE messages SET status = 'queued', queued_at = UTC_TIMESTAMP(6) WHERE id IN ({_in(ids)})",
+                        ids,
+                    )
+                await conn.commit()
+                return ids
+            except BaseException:
+                await conn.rollback()
+                raise
+
+    async def release(self, ids: Sequence[int]) -> int:
+        """Return ``queued`` rows whose publish failed to ``pending`` so the next tick claims them again."""
+        if not ids:
+            return 0
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            return int(
+                await cur.execute(
+                    "UPDATE messages SET status = 'pending', queued_at = NULL"
+                    f" WHERE status = 'queued' AND id IN ({_in(ids)})",
+                    list(ids),
+                )
+            )
+
+    async def reclaim_stale(self, lease_seconds: float, limit: int) -> list[int]:
+        """``queued`` rows older than the lease (their AMQP message may be lost): renew their lease and
+        return their ids so they are published again. A duplicate that does reach a consumer is dropped
+        by the compare-and-set."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await cur.execute(
+                    "SELECT id FROM messages WHERE status = 'queued'"
+                    " AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
+                    " ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (int(lease_seconds * 1_000_000), limit),
+                )
+                ids = [int(r[0]) for r in await cur.fetchall()]
+                if ids:
+                    await cur.execute(f"UPDATE messages SET queued_at = UTC_TIMESTAMP(6) WHERE id IN ({_in(ids)})", ids)
+                await conn.commit()
+                return ids
+            except BaseException:
+                await conn.rollback()
+                raise
+
+    # --- the consumer's side --------------------------------------------------------------------
+
+    async def begin_sending(
+        self, ids: Sequence[int], decide: Callable[[int, str | None], Action]
+    ) -> list[tuple[int, Action, Delivery | None]]:
+        """The ``queued -> sending`` compare-and-set for a batch of deliveries, in one transaction.
+
+        Rows are locked (``FOR UPDATE``, in id order so that concurrent batches cannot deadlock) and
+        ``decide(id, status)`` says what to do with each; only the rows it answers ``SEND`` for move to
+        ``sending``. Unknown ids get ``decide(id, None)``."""
+        if not ids:
+            return []
+        unique = sorted(set(ids))
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await cur.execute(
+                    "SELECT id, recipient, content, status, attempts FROM messages"
+                    f" WHERE id IN ({_in(unique)}) ORDER BY id FOR UPDATE",
+                    unique,
+                )
+                rows = {int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in await cur.fetchall()}
+                result: list[tuple[int, Action, Delivery | None]] = []
+                to_send: list[int] = []
+                for message_id in unique:
+                    row = rows.get(message_id)
+                    action = decide(message_id, row.status if row else None)
+                    result.append((message_id, action, row))
+                    if action is Action.SEND and row is not None and row.status == Status.QUEUED:
+                        to_send.append(message_id)
+                if to_send:
+                    await cur.execute(
+                        f"UPDATE messages SET status = 'sending' WHERE status = 'queued' AND id IN ({_in(to_send)})",
+                        to_send,
+                    )
+                await conn.commit()
+                return result
+            except BaseException:
+                await conn.rollback()
+                raise
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dict[int, bool]:
+        """Write a batch of delivery outcomes in one transaction (the group commit): the row updates
+        (only rows still ``sending`` move), one ``message_attempts`` row each, and the sent counter.
+        Returns, per message id, whether its row was updated."""
+        if not outcomes:
+            return {}
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                # Lock the rows and keep only those still ``sending``: a row another consumer already
+                # finished (a duplicate delivery) is left alone and gets no attempt row.
+                ids = sorted({o.id for o in outcomes})
+                await cur.execute(
+                    f"SELECT id FROM messages WHERE id IN ({_in(ids)}) AND status = 'sending' ORDER BY id FOR UPDATE",
+                    ids,
+                )
+                live = {int(r[0]) for r in await cur.fetchall()}
+                applied = {o.id: o.id in live for o in outcomes}
+                mine = [o for o in outcomes if o.id in live]
+                sent = [o for o in mine if o.kind == "sent"]
+                retry = [o for o in mine if o.kind == "retry"]
+                failed = [o for o in mine if o.kind == "failed"]
+                if sent:
+                    table, args = _values_table(
+                        [(o.id, o.remote_message_id, o.finished_at) for o in sent], ("id", "rid", "at")
+                    )
+                    await cur.execute(
+                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                        " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = v.at,"
+                        " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
+                        " WHERE m.status = 'sending'",
+                        args,
+                    )
+                    await cur.execute("UPDATE counters SET value = value + %s WHERE name = 'sent'", (len(sent),))
+                if retry:
+                    table, args = _values_table(
+                        [(o.id, o.error, o.next_attempt_at) for o in retry], ("id", "err", "due")
+                    )
+                    await cur.execute(
+                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                        " SET m.status = 'pending', m.last_error = v.err, m.next_attempt_at = v.due,"
+                        " m.attempts = m.attempts + 1, m.queued_at = NULL"
+                        " WHERE m.status = 'sending'",
+                        args,
+                    )
+                if failed:
+                    table, args = _values_table([(o.id, o.error) for o in failed], ("id", "err"))
+                    await cur.execute(
+                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                        " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
+                        " m.next_attempt_at = NULL WHERE m.status = 'sending'",
+                        args,
+                    )
+                if mine:
+                    await cur.executemany(
+                        "INSERT INTO message_attempts"
+                        " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        [
+                            (
+                                o.id,
+                                o.attempt,
+                                o.started_at,
+                                o.finished_at,
+                                o.kind,
+                                o.http_status,
+                                o.error,
+                                o.duration_ms,
+                            )
+                            for o in mine
+                        ],
+                    )
+                await conn.commit()
+                return applied
+            except BaseException:
+                await conn.rollback()
+                raise
+
+    async def retry_failed(self, message_id: int) -> Row:
+        """Put a ``failed`` message back to ``pending`` with a fresh attempt budget."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            changed = await cur.execute(
+                "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL, queued_at = NULL"
+                " WHERE id = %s AND status = 'failed'",
+                (message_id,),
+            )
+        row = await self.get(message_id)
+        if row is None:
+            raise NotFoundError(f"message {message_id} does not exist")
+        if not changed:
+            raise ConflictError(f"message {message_id} is {row['status']}, only a failed message can be retried")
+        return row
+
+    async def sent_with_remote_id(self, after_id: int, limit: int) -> list[tuple[int, str, dt.datetime]]:
+        """``(id, remote_message_id, sent_at)`` of sent rows by id, for rebuilding the Redis cache."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT id, remote_message_id, sent_at FROM messages"
+                " WHERE id > %s AND status = 'sent' AND remote_message_id IS NOT NULL ORDER BY id LIMIT %s",
+                (after_id, limit),
+            )
+            return [(int(i), r, s) for i, r, s in await cur.fetchall()]
+
+    # --- the dispatch switch, leadership and ticks -----------------------------------------------
+
+    async def dispatch_state(self) -> Row:
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute("SELECT sending, changed_at, leader, last_tick_at FROM dispatch_state WHERE id = 1")
+            row: Row = await cur.fetchone() or {"sending": 1, "changed_at": None, "leader": None, "last_tick_at": None}
+            row["sending"] = bool(row["sending"])
+            return row
+
+    async def is_sending(self) -> bool:
+        return bool((await self.dispatch_state())["sending"])
+
+    async def set_sending(self, sending: bool) -> bool:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "INSERT INTO dispatch_state (id, sending, changed_at) VALUES (1, %s, UTC_TIMESTAMP(6))"
+                " ON DUPLICATE KEY UPDATE sending = VALUES(sending), changed_at = VALUES(changed_at)",
+                (sending,),
+            )
+        return sending
+
+    async def record_tick(self, leader: str) -> None:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "UPDATE dispatch_state SET leader = %s, last_tick_at = UTC_TIMESTAMP(6) WHERE id = 1", (leader,)
+            )
+
+
+class LeaderLock:
+    """A MySQL named lock held on one dedicated connection: when the holder dies its connection closes
+    and the server frees the lock, so another replica takes over on its next tick."""
+
+    def __init__(self, conn: aiomysql.Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+
+    async def try_acquire(self) -> bool:
+        """True if this connection holds the lock (taking it if free)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self.name,))
+            (held,) = await cur.fetchone()
+            if held == 1:
+                return True
+            await cur.execute("SELECT GET_LOCK(%s, 0)", (self.name,))
+            (got,) = await cur.fetchone()
+            return got == 1
+
+    async def release(self) -> None:
+        async with self.conn.cursor() as cur:
+            await cur.execute("SELECT RELEASE_LOCK(%s)", (self.name,))
+            await cur.fetchone()

@@ -1,0 +1,115 @@
+"""The AMQP topology: every exchange and queue name, their declarations and publishing, in one place.
+
+- ``message_sender.dispatch`` (direct exchange) -> ``message_sender.dispatch`` (durable queue): one AMQP
+  message per claimed row; the body carries only the row id (``{"id": 42}``), the row is the truth.
+- ``message_sender.dead_letter`` (fanout exchange) -> ``message_sender.dead_letter`` (durable queue):
+  messages a consumer rejects (poison bodies, unknown ids) and a copy of every message that ended ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+log = logging.getLogger(__name__)
+
+DISPATCH_EXCHANGE = "message_sender.dispatch"
+DISPATCH_QUEUE = "message_sender.dispatch"
+DISPATCH_ROUTING_KEY = "dispatch"
+DEAD_LETTER_EXCHANGE = "message_sender.dead_letter"
+DEAD_LETTER_QUEUE = "message_sender.dead_letter"
+
+
+class Topology:
+    """The declared exchanges and queues of one channel."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        dispatch: AbstractExchange,
+        dead_letter: AbstractExchange,
+        dispatch_queue: AbstractQueue,
+        dead_letter_queue: AbstractQueue,
+    ) -> None:
+        self.channel = channel
+        self.dispatch = dispatch
+        self.dead_letter = dead_letter
+        self.dispatch_queue = dispatch_queue
+        self.dead_letter_queue = dead_letter_queue
+
+    async def publish_ids(self, ids: Sequence[int]) -> list[int]:
+        """Publish one persistent, mandatory message per id and wait for all publisher confirms at once.
+        Returns the ids whose publish was not confirmed (nacked, returned or failed)."""
+        results = await asyncio.gather(*(self._publish_one(i) for i in ids), return_exceptions=True)
+        failed = [i for i, r in zip(ids, results, strict=True) if isinstance(r, BaseException)]
+        for i, r in zip(ids, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("publish of message %s not confirmed: %r", i, r, extra={"message_id": i})
+        return failed
+
+    async def _publish_one(self, message_id: int) -> None:
+        await self.dispatch.publish(dispatch_message(message_id), routing_key=DISPATCH_ROUTING_KEY, mandatory=True)
+
+    async def dead_letter_copy(self, body: bytes, headers: Mapping[str, Any]) -> None:
+        """Publish a copy of a finished-as-failed message to the dead-letter exchange (confirmed)."""
+        await self.dead_letter.publish(
+            aio_pika.Message(
+                body,
+                headers=dict(headers),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type="application/json",
+            ),
+            routing_key=DISPATCH_ROUTING_KEY,
+        )
+
+
+def dispatch_message(message_id: int) -> aio_pika.Message:
+    return aio_pika.Message(
+        orjson.dumps({"id": message_id}),
+        message_id=str(message_id),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def declare(channel: AbstractChannel) -> Topology:
+    """Declare (idempotently) the whole topology on ``channel``."""
+    dead_letter = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead_letter_queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+    await dead_letter_queue.bind(dead_letter)
+    dispatch = await channel.declare_exchange(DISPATCH_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    dispatch_queue = await channel.declare_queue(
+        DISPATCH_QUEUE, durable=True, arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    )
+    await dispatch_queue.bind(dispatch, routing_key=DISPATCH_ROUTING_KEY)
+    return Topology(channel, dispatch, dead_letter, dispatch_queue, dead_letter_queue)
+
+
+async def connect(url: str, attempts_log_every: int = 1) -> aio_pika.abc.AbstractRobustConnection:
+    """A robust connection (it reconnects by itself), retried with backoff until RabbitMQ answers."""
+    from common.settings import mask_url
+
+    delay = 0.5
+    while True:
+        try:
+            conn = await aio_pika.connect_robust(url)
+            log.info("connected to %s", mask_url(url))
+            return conn
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", mask_url(url), exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def open_channel(conn: aio_pika.abc.AbstractRobustConnection, prefetch: int = 0) -> Topology:
+    """A channel with publisher confirms, returns raised as errors, and the topology declared."""
+    channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch:
+        await channel.set_qos(prefetch_count=prefetch)
+    return await declare(channel)

@@ -1,0 +1,57 @@
+"""Migrations and the database's own constraints."""
+
+import asyncio
+
+import aiomysql
+import pymysql
+import pytest
+
+from common.db import create_pool
+from common.migrations import LATEST, migrate
+from common.settings import Settings
+from tests.conftest import sql
+
+
+async def test_migrating_twice_is_a_no_op(pool: aiomysql.Pool) -> None:
+    assert await migrate(pool) == []
+
+
+async def test_concurrent_migrators_end_with_one_schema(settings: Settings) -> None:
+    pools = [await create_pool(settings) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(p) for p in pools))
+    finally:
+        for p in pools:
+            p.close()
+            await p.wait_closed()
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+    rows = await sql(settings, "SELECT version FROM schema_migrations")
+    assert rows == [(LATEST,)]
+
+
+async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, settings: Settings) -> None:
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'Insider - Project')")
+    rows = await sql(settings, "SELECT status, attempts, created_at IS NOT NULL FROM messages")
+    assert rows == [("pending", 0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("recipient", "content"),
+    [
+        ("+905551111111", ""),
+        ("+905551111111", "x" * 161),
+        ("905551111111", "hi"),
+        ("+12", "hi"),
+        ("+9055511111112222", "hi"),
+        ("+90555abc1111", "hi"),
+    ],
+)
+async def test_database_refuses_bad_rows(pool: aiomysql.Pool, settings: Settings, recipient: str, content: str) -> None:
+    with pytest.raises(pymysql.err.MySQLError):
+        await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, %s)", (recipient, content))
+    assert await sql(settings, "SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+async def test_160_characters_of_any_script_fit(pool: aiomysql.Pool, settings: Settings) -> None:
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, %s)", ("+905551111111", "ğ😀" * 80))
+    assert await sql(settings, "SELECT CHAR_LENGTH(content) FROM messages") == [(160,)]
