@@ -1,0 +1,18 @@
+"""Prometheus metrics of the consumer."""
+
+from prometheus_client import Counter, Histogram
+
+DELIVERIES = Counter("consumer_deliveries_total", "Deliveries by outcome", ["outcome"])
+WEBHOOK_ANSWERS = Counter("consumer_webhook_responses_total", "Webhook answers by HTTP status (or error)", ["status"])
+RETRIES = Counter("consumer_retries_total", "Deliveries scheduled for another attempt")
+DEAD_LETTERED = Counter("consumer_dead_lettered_total", "Messages sent to the dead-letter queue", ["reason"])
+DUPLICATES = Counter("consumer_duplicates_dropped_total", "AMQP deliveries dropped by the compare-and-set")
+LATENCY = Histogram(
+    "consumer_webhook_latency_seconds",
+    "Webhook request duration",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_SIZE = Histogram(
+    "consumer_commit_batch_size", "Outcomes per group commit", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
+)
+CACHE_ERRORS = Counter("consumer_cache_errors_total", "Redis writes that failed (entries kept for a retry)")

@@ -1,0 +1,263 @@
+"""The consumer: RabbitMQ dispatch queue -> compare-and-set -> webhook -> outcome in MySQL -> Redis -> ack.
+
+Per delivery the order is fixed, and it is what makes "never twice" hold whatever crashes:
+1. ``queued -> sending`` compare-and-set (grouped with other deliveries into one transaction);
+2. the webhook POST (only by the winner of step 1);
+3. the outcome and an attempts row, group-committed; 4. ``message:<messageId>`` in Redis; 5. the ack.
+A crash before 1 or after 3 is harmless (the row says what happened); a crash between 1 and 3 leaves
+the row ``sending``, and its redelivery is failed as "outcome unknown" instead of being resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import aio_pika
+import aiomysql
+import orjson
+import pymysql
+import redis.asyncio as redis
+from aio_pika.abc import AbstractIncomingMessage
+
+from common import topology
+from common.batching import Batcher
+from common.cache import MessageCache
+from common.db import pool_ctx
+from common.metrics import start_listener
+from common.migrations import migrate
+from common.models import OUTCOME_UNKNOWN, Action, Delivery, Outcome, decide, utcnow
+from common.settings import Settings
+from common.store import MessageStore
+from consumer import metrics
+from consumer.webhook import Webhook
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which the same database work is simply tried again (outage, deadlock, lock timeout).
+TRANSIENT_DB = (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError, asyncio.TimeoutError)
+
+Start = tuple[int, bool]  # (message id, redelivered)
+Started = tuple[Action | None, Delivery | None]  # action None: unknown id (poison)
+
+
+def parse_body(body: bytes) -> int | None:
+    """The message id of a dispatch message body ``{"id": <positive int>}``; None for anything else."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+class Consumer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.cache_backlog: list[tuple[str, int, object]] = []
+        self.ready = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            listener = await start_listener(s.consumer_metrics_port, self.health)
+            if listener:
+                stack.push_async_callback(listener.cleanup)
+            pool: aiomysql.Pool = await stack.enter_async_context(pool_ctx(s, maxsize=8))
+            await migrate(pool)
+            self.store = MessageStore(pool)
+            client = redis.from_url(s.redis_url.reveal())
+            stack.push_async_callback(client.aclose)
+            self.cache = MessageCache(client, s.cache_ttl_seconds, s.redis_prefix)
+            session = Webhook.open_session(s)
+            stack.push_async_callback(session.close)
+            self.webhook = Webhook(s, session)
+            conn = await topology.connect(s.amqp_url.reveal())
+            stack.push_async_callback(conn.close)
+            self.topology = await topology.open_channel(conn, prefetch=s.consumer_prefetch)
+            self.starts: Batcher[Start, Started] = Batcher(self._flush_starts)
+            self.finishes: Batcher[tuple[Outcome, Delivery], bool] = Batcher(self._flush_finishes)
+            tag = await self.topology.dispatch_queue.consume(self._on_message)
+            self.ready = True
+            log.info(
+                "consumer %s consuming %s (prefetch %d, guarantee %s)",
+                self.name,
+                topology.DISPATCH_QUEUE,
+                s.consumer_prefetch,
+                s.delivery_guarantee,
+            )
+            await stop.wait()
+            self.ready = False
+            log.info("stopping: no new deliveries; waiting for %d in flight", len(self.inflight))
+            with contextlib.suppress(Exception):
+                await self.topology.dispatch_queue.cancel(tag)
+            await self._drain(s.shutdown_timeout_seconds)
+
+    def health(self) -> dict[str, object]:
+        return {"status": "ok" if self.ready else "starting", "inflight": len(self.inflight)}
+
+    async def _drain(self, grace: float) -> None:
+        if self.inflight:
+            _, late = await asyncio.wait(set(self.inflight), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("%d deliveries did not finish within %.0fs; they will be redelivered", len(late), grace)
+        if self.cache_backlog:
+            with contextlib.suppress(Exception):
+                await self._write_cache([])
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(message))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        message_id = parse_body(message.body)
+        if message_id is None:
+            await self._dead_letter(message, "malformed body", message.body[:200])
+            return
+        action, row = await self._persist(
+            lambda: self.starts.submit((message_id, message.redelivered)), "compare-and-set"
+        )
+        if action is None or row is None:
+            await self._dead_letter(message, "unknown message id", message_id)
+            return
+        if action is Action.DROP:
+            metrics.DUPLICATES.inc()
+            log.info(
+                "message %d is %s; duplicate delivery dropped", message_id, row.status, extra={"message_id": message_id}
+            )
+            await self._ack(message)
+            return
+        if action is Action.FAIL_UNKNOWN:
+            now = utcnow()
+            outcome = Outcome(row.id, "failed", row.attempts + 1, now, now, error=OUTCOME_UNKNOWN)
+        else:
+            outcome = await self.webhook.deliver(row)
+        await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
+        await self._ack(message)
+
+    async def _persist(self, work: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run database work until it succeeds: an outage is logged once, with the retry plan."""
+        delay, failing = 0.2, False
+        while True:
+            try:
+                result = await work()
+            except TRANSIENT_DB as exc:
+                if not failing:
+                    log.warning("%s failed (%s); retrying every <=10s until MySQL answers", what, exc)
+                    failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if failing:
+                log.info("%s succeeded again", what)
+            return result
+
+    async def _flush_starts(self, items: Sequence[Start]) -> list[Started]:
+        redelivered = {}
+        for message_id, again in items:
+            redelivered[message_id] = redelivered.get(message_id, False) or again
+        at_least_once = self.settings.is_at_least_once
+        decided = await self.store.begin_sending(
+            list(redelivered), lambda i, status: decide(status, redelivered[i], at_least_once)
+        )
+        by_id = {i: (action if row is not None else None, row) for i, action, row in decided}
+        out: list[Started] = []
+        seen: set[int] = set()
+        for message_id, _ in items:
+            action, row = by_id[message_id]
+            # The same id twice in one batch: only the first delivery may act on the decision.
+            if message_id in seen and action is not None:
+                action = Action.DROP
+            seen.add(message_id)
+            out.append((action, row))
+        return out
+
+    async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[bool]:
+        outcomes = [o for o, _ in items]
+        applied = await self.store.record_outcomes(outcomes)
+        metrics.BATCH_SIZE.observe(len(items))
+        entries = []
+        for outcome, row in items:
+            if not applied.get(outcome.id):
+                continue
+            metrics.DELIVERIES.labels(outcome.kind).inc()
+            extra = {"message_id": outcome.id, "attempt": outcome.attempt}
+            if outcome.kind == "sent":
+                log.debug("message %d sent", outcome.id, extra=extra)
+                if outcome.remote_message_id:
+                    entries.append((outcome.remote_message_id, outcome.id, outcome.finished_at))
+            elif outcome.kind == "retry":
+                metrics.RETRIES.inc()
+                log.info(
+                    "message %d: attempt %d failed (%s); next at %s",
+                    outcome.id,
+                    outcome.attempt,
+                    outcome.error,
+                    outcome.next_attempt_at,
+                    extra=extra,
+                )
+            else:
+                log.warning("message %d failed: %s", outcome.id, outcome.error, extra=extra)
+                await self._dead_letter_copy(outcome, row)
+        await self._write_cache(entries)
+        return [bool(applied.get(o.id)) for o in outcomes]
+
+    async def _write_cache(self, entries: list[tuple[str, int, object]]) -> None:
+        """Write cache entries; on a Redis error keep them and try again with the next batch (MySQL has
+        them anyway: ``message-sender cache-backfill`` rewrites the cache from it)."""
+        pending = self.cache_backlog + entries
+        if not pending:
+            return
+        try:
+            await self.cache.put_many(pending)  # type: ignore[arg-type]
+        except (redis.RedisError, OSError) as exc:
+            metrics.CACHE_ERRORS.inc(len(entries))
+            if not self.cache_backlog:
+                log.warning("Redis unavailable (%s); keeping cache entries to write when it is back", exc)
+            self.cache_backlog = pending[-100_000:]
+            return
+        if self.cache_backlog:
+            log.info("Redis is back; wrote %d delayed cache entries", len(self.cache_backlog))
+        self.cache_backlog = []
+
+    async def _dead_letter_copy(self, outcome: Outcome, row: Delivery) -> None:
+        body = orjson.dumps(
+            {
+                "id": row.id,
+                "recipient": row.recipient,
+                "content": row.content,
+                "error": outcome.error,
+                "attempts": outcome.attempt,
+            }
+        )
+        try:
+            await self.topology.dead_letter_copy(body, {"x-reason": "failed", "x-error": outcome.error or ""})
+            metrics.DEAD_LETTERED.labels("failed").inc()
+        except Exception as exc:  # the row says failed; the copy is a convenience
+            log.warning("message %d: dead-letter copy not published (%s)", row.id, exc, extra={"message_id": row.id})
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, what: object) -> None:
+        log.warning("poison message (%s: %r) sent to the dead-letter queue", reason, what)
+        metrics.DEAD_LETTERED.labels("poison").inc()
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+            await message.reject(requeue=False)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+            # The channel went away: the broker redelivers, and the row's status makes that a no-op.
+            log.info("ack of %s lost (%s); the redelivery will be dropped", message.message_id, exc)

@@ -1,0 +1,71 @@
+"""Small HTTP helpers shared by the handlers: JSON in and out, query parameters, the API error."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+# Naive DATETIME(6) values are UTC: written as ISO 8601 with a trailing ``Z``.
+JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer ``{"error": {"code", "message", "details"}}`` with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = dict(details or {})
+        self.headers = dict(headers or {})
+
+
+def invalid(field: str, message: str, **details: Any) -> ApiError:
+    """A 422 naming the offending field: ``"<field>: <message>"``."""
+    return ApiError(422, "validation_error", f"{field}: {message}", {"field": field, **details})
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=JSON_OPTIONS), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def query_int(query: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter within ``lo..hi``; anything else is a 422 (never clamped)."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not _DIGITS.fullmatch(raw) or not lo <= (value := int(raw)) <= hi:
+        raise invalid(name, f"must be an integer between {lo} and {hi}", value=raw[:100])
+    return value
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any] | None:
+    """The request body as a JSON object. Unparsable JSON is a 400, another JSON value a 422; an empty
+    body is ``None`` when ``optional``, else a 400. A body over the size limit is a 413 (raised by aiohttp)."""
+    body = await request.read()
+    if not body.strip():
+        if optional:
+            return None
+        raise ApiError(400, "invalid_json", "the request body is empty; a JSON object is expected")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid("body", f"must be a JSON object, not {type(data).__name__}")
+    return data
