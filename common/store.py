@@ -334,11 +334,17 @@ class MessageStore:
             )
         return sending
 
-    async def record_tick(self, leader: str) -> None:
+    async def record_tick(self, leader: str, interval_seconds: float) -> bool:
+        """Record a tick of ``leader``; False (and nothing recorded) if another replica ticked less than an
+        interval ago: a new leader waits out its predecessor's interval, so a failover never doubles the rate."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "UPDATE dispatch_state SET leader = %s, last_tick_at = UTC_TIMESTAMP(6) WHERE id = 1", (leader,)
+            changed = await cur.execute(
+                "UPDATE dispatch_state SET leader = %s, last_tick_at = UTC_TIMESTAMP(6) WHERE id = 1"
+                " AND (leader = %s OR leader IS NULL OR last_tick_at IS NULL"
+                " OR last_tick_at <= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)",
+                (leader, leader, int(interval_seconds * 1_000_000)),
             )
+            return bool(changed)
 
 
 class LeaderLock:

@@ -70,16 +70,24 @@ class StandIn:
             payload = None
         key = request.headers.get("Idempotency-Key", "")
         answer = self.script.popleft() if self.script else self._draw()
+        status = int(answer.get("status", 202))
+        message_id = str(uuid.uuid4())
+        # Recorded on arrival: a request whose client gave up (timeout, crash) still reached the service.
+        record = {
+            "key": key,
+            "body": payload,
+            "status": None,
+            "messageId": message_id,
+            "auth": request.headers.get("x-ins-auth-key"),
+            "at": time.time(),
+        }
+        self.received.append(record)
+        self.by_key[key] += 1
         if answer.get("delay_ms"):
             await asyncio.sleep(answer["delay_ms"] / 1000)
         if answer.get("hang"):
             await asyncio.sleep(b["hang_seconds"])
-        status = int(answer.get("status", 202))
-        message_id = str(uuid.uuid4())
-        # Record before answering: a client that times out still "reached" the service.
-        self.received.append({"key": key, "body": payload, "status": status, "messageId": message_id,
-                               "auth": request.headers.get("x-ins-auth-key"), "at": time.time()})
-        self.by_key[key] += 1
+        record["status"] = status
         self.answered[status] += 1
         headers = {}
         if answer.get("retry_after") is not None:
@@ -90,8 +98,9 @@ class StandIn:
             return web.Response(body=data, status=status, headers=headers, content_type="application/json")
         if status == 202:
             return self._json({"message": "Accepted", "messageId": message_id}, 202)
-        return web.Response(body=orjson.dumps({"message": "Error"}), status=status, headers=headers,
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"message": "Error"}), status=status, headers=headers, content_type="application/json"
+        )
 
     def _draw(self) -> dict[str, Any]:
         b = self.behaviour
@@ -129,8 +138,14 @@ class StandIn:
 
     async def stats(self, request: web.Request) -> web.Response:
         dupes = {k: n for k, n in self.by_key.items() if n > 1}
-        return self._json({"received": len(self.received), "distinct_keys": len(self.by_key),
-                           "duplicates": dupes, "answered": {str(k): v for k, v in self.answered.items()}})
+        return self._json(
+            {
+                "received": len(self.received),
+                "distinct_keys": len(self.by_key),
+                "duplicates": dupes,
+                "answered": {str(k): v for k, v in self.answered.items()},
+            }
+        )
 
     async def reset_view(self, request: web.Request) -> web.Response:
         self.reset()
@@ -156,8 +171,13 @@ def create_app(behaviour: dict[str, Any] | None = None) -> web.Application:
 
 def behaviour_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, cast in (("delay_ms", float), ("fail_rate", float), ("fail_status", int), ("timeout_rate", float),
-                       ("auth_key", str)):
+    for name, cast in (
+        ("delay_ms", float),
+        ("fail_rate", float),
+        ("fail_status", int),
+        ("timeout_rate", float),
+        ("auth_key", str),
+    ):
         raw = env.get(f"STANDIN_{name.upper()}")
         if raw is not None:
             out[name] = cast(raw)
@@ -176,8 +196,9 @@ def main() -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     print(f"webhook stand-in listening on http://{args.host}:{args.port}/webhook", flush=True)
-    web.run_app(create_app(behaviour_from_env()), host=args.host, port=args.port, print=None, access_log=None,
-                loop=loop)
+    web.run_app(
+        create_app(behaviour_from_env()), host=args.host, port=args.port, print=None, access_log=None, loop=loop
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,10 @@ class Producer:
         metrics.TICKS.inc()
         try:
             report.leader = await self._lead()
+            if report.leader and not await self.store.record_tick(self.name, self.settings.send_interval_seconds):
+                log.info("tick: leader, waiting out the previous leader's interval")
+                return report
             if report.leader:
-                await self.store.record_tick(self.name)
                 report.sending = await self.store.is_sending()
                 metrics.SENDING.set(1 if report.sending else 0)
                 if report.sending:

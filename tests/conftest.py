@@ -174,3 +174,48 @@ async def sql(settings: Settings, statement: str, args: tuple[object, ...] = ())
             return list(await cur.fetchall())
     finally:
         conn.close()
+
+
+# --- end-to-end: real service processes and the webhook stand-in ------------------------------------
+
+from tests.procs import ARTIFACTS, Cluster, StandIn  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+async def standin(request: pytest.FixtureRequest, run_id: str) -> AsyncIterator[StandIn]:
+    s = StandIn(ARTIFACTS / request.node.name)
+    try:
+        yield await s.start()
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, env: dict[str, str], standin: StandIn) -> Iterator[Cluster]:
+    """Start services with ``cluster.start("producer", SETTING="value")``; fast defaults for tests."""
+    c = Cluster(
+        {
+            **env,
+            "WEBHOOK_URL": f"{standin.url}/webhook",
+            "SEND_INTERVAL_SECONDS": "0.5",
+            "RETRY_BASE_SECONDS": "0.2",
+            "WEBHOOK_TIMEOUT_SECONDS": "2",
+            "SHUTDOWN_TIMEOUT_SECONDS": "5",
+        },
+        ARTIFACTS / request.node.name,
+    )
+    try:
+        yield c
+    finally:
+        c.stop_all()
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            for svc in c.services:
+                print(f"----- {svc.name} (last lines) -----\n" + "\n".join(svc.log().splitlines()[-40:]))
