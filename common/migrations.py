@@ -38,6 +38,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
                 queued_at DATETIME(6) NULL,
                 sent_at DATETIME(6) NULL,
+                delivery_token BIGINT UNSIGNED NULL,
                 PRIMARY KEY (id),
                 KEY ix_messages_claim (status, created_at, id, next_attempt_at),
                 KEY ix_messages_sent (status, sent_at, id),

@@ -32,11 +32,11 @@ class Action(enum.Enum):
 OUTCOME_UNKNOWN = "outcome unknown: the consumer stopped while the request was in flight; not resent (at-most-once)"
 
 
-def decide(status: str | None, redelivered: bool, at_least_once: bool) -> Action:
-    """The never-twice rule: only a ``queued`` row is sent; a ``sending`` row seen again on a broker
-    redelivery belonged to a consumer that died mid-request, so it is failed (at-most-once) or resent
-    (at-least-once). Anything else is a duplicate delivery and is dropped."""
-    if status == Status.QUEUED:
+def decide(status: str | None, redelivered: bool, at_least_once: bool, won: bool = False) -> Action:
+    """The never-twice rule: only the delivery that won the ``queued -> sending`` compare-and-set sends;
+    a ``sending`` row seen again on a broker redelivery belonged to a consumer that died mid-request,
+    so it is failed (at-most-once) or resent (at-least-once). Anything else is a duplicate: dropped."""
+    if won:
         return Action.SEND
     if status == Status.SENDING and redelivered:
         return Action.SEND if at_least_once else Action.FAIL_UNKNOWN

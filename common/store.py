@@ -8,6 +8,7 @@ that duplicate deliveries and racing replicas can never move a row twice.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -170,120 +171,88 @@ class MessageStore:
     # --- the consumer's side --------------------------------------------------------------------
 
     async def begin_sending(
-        self, ids: Sequence[int], decide: Callable[[int, str | None], Action]
+        self, ids: Sequence[int], decide: Callable[[int, str | None, bool], Action]
     ) -> list[tuple[int, Action, Delivery | None]]:
-        """The ``queued -> sending`` compare-and-set for a batch of deliveries, in one transaction.
+        """The ``queued -> sending`` compare-and-set for a batch of deliveries, in one round trip.
 
-        Rows are locked (``FOR UPDATE``, in id order so that concurrent batches cannot deadlock) and
-        ``decide(id, status)`` says what to do with each; only the rows it answers ``SEND`` for move to
-        ``sending``. Unknown ids get ``decide(id, None)``."""
+        One ``UPDATE`` moves every still-``queued`` row of the batch to ``sending`` and stamps it with a
+        fresh random token; the ``SELECT`` that follows (same round trip) reads the rows back, and a row
+        carrying this call's token was won by this call, whatever other consumers did meanwhile.
+        ``decide(id, status, won)`` then says what to do with each (unknown ids: status None)."""
         if not ids:
             return []
         unique = sorted(set(ids))
+        token = secrets.randbits(63)
+        marks = _in(unique)
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            await conn.begin()
-            try:
-                await cur.execute(
-                    "SELECT id, recipient, content, status, attempts FROM messages"
-                    f" WHERE id IN ({_in(unique)}) ORDER BY id FOR UPDATE",
-                    unique,
-                )
-                rows = {int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in await cur.fetchall()}
-                result: list[tuple[int, Action, Delivery | None]] = []
-                to_send: list[int] = []
-                for message_id in unique:
-                    row = rows.get(message_id)
-                    action = decide(message_id, row.status if row else None)
-                    result.append((message_id, action, row))
-                    if action is Action.SEND and row is not None and row.status == Status.QUEUED:
-                        to_send.append(message_id)
-                if to_send:
-                    await cur.execute(
-                        f"UPDATE messages SET status = 'sending' WHERE status = 'queued' AND id IN ({_in(to_send)})",
-                        to_send,
-                    )
-                await conn.commit()
-                return result
-            except BaseException:
-                await conn.rollback()
-                raise
+            await cur.execute(
+                f"UPDATE messages SET status = 'sending', delivery_token = %s"
+                f" WHERE status = 'queued' AND id IN ({marks});"
+                f" SELECT id, recipient, content, status, attempts, delivery_token FROM messages WHERE id IN ({marks})",
+                [token, *unique, *unique],
+            )
+            await cur.nextset()
+            found = await cur.fetchall()
+            while await cur.nextset():
+                pass
+        rows = {int(r[0]): (Delivery(int(r[0]), r[1], r[2], r[3], int(r[4])), r[5] == token) for r in found}
+        result: list[tuple[int, Action, Delivery | None]] = []
+        for message_id in unique:
+            row, won = rows.get(message_id, (None, False))
+            result.append((message_id, decide(message_id, row.status if row else None, won), row))
+        return result
 
-    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dict[int, bool]:
-        """Write a batch of delivery outcomes in one transaction (the group commit): the row updates
-        (only rows still ``sending`` move), one ``message_attempts`` row each, and the sent counter.
-        Returns, per message id, whether its row was updated."""
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Write a batch of delivery outcomes as one transaction in one round trip (the group commit):
+        the row updates (only rows still ``sending`` move, so a duplicate outcome changes nothing), the
+        sent counter (by the rows that really moved), and one ``message_attempts`` row per attempt."""
         if not outcomes:
-            return {}
+            return
+        statements, args = ["START TRANSACTION"], []
+        sent = [o for o in outcomes if o.kind == "sent"]
+        retry = [o for o in outcomes if o.kind == "retry"]
+        failed = [o for o in outcomes if o.kind == "failed"]
+        if sent:
+            table, values = _values_table(
+                [(o.id, o.remote_message_id, o.finished_at) for o in sent], ("id", "rid", "at")
+            )
+            statements += [
+                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = v.at,"
+                " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
+                " WHERE m.status = 'sending'",
+                "UPDATE counters SET value = value + ROW_COUNT() WHERE name = 'sent'",
+            ]
+            args += values
+        if retry:
+            table, values = _values_table([(o.id, o.error, o.next_attempt_at) for o in retry], ("id", "err", "due"))
+            statements.append(
+                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                " SET m.status = 'pending', m.last_error = v.err, m.next_attempt_at = v.due,"
+                " m.attempts = m.attempts + 1, m.queued_at = NULL WHERE m.status = 'sending'"
+            )
+            args += values
+        if failed:
+            table, values = _values_table([(o.id, o.error) for o in failed], ("id", "err"))
+            statements.append(
+                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
+                " m.next_attempt_at = NULL WHERE m.status = 'sending'"
+            )
+            args += values
+        statements.append(
+            "INSERT INTO message_attempts"
+            " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms) VALUES "
+            + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
+        )
+        for o in outcomes:
+            args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]
+        statements.append("COMMIT")
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            await conn.begin()
             try:
-                # Lock the rows and keep only those still ``sending``: a row another consumer already
-                # finished (a duplicate delivery) is left alone and gets no attempt row.
-                ids = sorted({o.id for o in outcomes})
-                await cur.execute(
-                    f"SELECT id FROM messages WHERE id IN ({_in(ids)}) AND status = 'sending' ORDER BY id FOR UPDATE",
-                    ids,
-                )
-                live = {int(r[0]) for r in await cur.fetchall()}
-                applied = {o.id: o.id in live for o in outcomes}
-                mine = [o for o in outcomes if o.id in live]
-                sent = [o for o in mine if o.kind == "sent"]
-                retry = [o for o in mine if o.kind == "retry"]
-                failed = [o for o in mine if o.kind == "failed"]
-                if sent:
-                    table, args = _values_table(
-                        [(o.id, o.remote_message_id, o.finished_at) for o in sent], ("id", "rid", "at")
-                    )
-                    await cur.execute(
-                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                        " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = v.at,"
-                        " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
-                        " WHERE m.status = 'sending'",
-                        args,
-                    )
-                    await cur.execute("UPDATE counters SET value = value + %s WHERE name = 'sent'", (len(sent),))
-                if retry:
-                    table, args = _values_table(
-                        [(o.id, o.error, o.next_attempt_at) for o in retry], ("id", "err", "due")
-                    )
-                    await cur.execute(
-                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                        " SET m.status = 'pending', m.last_error = v.err, m.next_attempt_at = v.due,"
-                        " m.attempts = m.attempts + 1, m.queued_at = NULL"
-                        " WHERE m.status = 'sending'",
-                        args,
-                    )
-                if failed:
-                    table, args = _values_table([(o.id, o.error) for o in failed], ("id", "err"))
-                    await cur.execute(
-                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                        " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
-                        " m.next_attempt_at = NULL WHERE m.status = 'sending'",
-                        args,
-                    )
-                if mine:
-                    await cur.executemany(
-                        "INSERT INTO message_attempts"
-                        " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        [
-                            (
-                                o.id,
-                                o.attempt,
-                                o.started_at,
-                                o.finished_at,
-                                o.kind,
-                                o.http_status,
-                                o.error,
-                                o.duration_ms,
-                            )
-                            for o in mine
-                        ],
-                    )
-                await conn.commit()
-                return applied
+                await cur.execute(";\n".join(statements), args)
+                while await cur.nextset():
+                    pass
             except BaseException:
                 await conn.rollback()
                 raise

@@ -86,7 +86,7 @@ class Consumer:
             stack.push_async_callback(conn.close)
             self.topology = await topology.open_channel(conn, prefetch=s.consumer_prefetch)
             self.starts: Batcher[Start, Started] = Batcher(self._flush_starts)
-            self.finishes: Batcher[tuple[Outcome, Delivery], bool] = Batcher(self._flush_finishes)
+            self.finishes: Batcher[tuple[Outcome, Delivery], None] = Batcher(self._flush_finishes)
             tag = await self.topology.dispatch_queue.consume(self._on_message)
             self.ready = True
             log.info(
@@ -118,9 +118,20 @@ class Consumer:
                 await self._write_cache([])
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(message))
+        task = asyncio.get_running_loop().create_task(self._guarded(message))
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
+
+    async def _guarded(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not an outage (outages are retried inside _handle). Do not hold the prefetch slot
+            # forever: dead-letter the delivery; the row's own state (lease, redelivery rule) still holds.
+            log.exception("unexpected error handling delivery %s", message.message_id)
+            await self._dead_letter(message, "unexpected error", message.message_id)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         message_id = parse_body(message.body)
@@ -171,7 +182,7 @@ class Consumer:
             redelivered[message_id] = redelivered.get(message_id, False) or again
         at_least_once = self.settings.is_at_least_once
         decided = await self.store.begin_sending(
-            list(redelivered), lambda i, status: decide(status, redelivered[i], at_least_once)
+            list(redelivered), lambda i, status, won: decide(status, redelivered[i], at_least_once, won)
         )
         by_id = {i: (action if row is not None else None, row) for i, action, row in decided}
         out: list[Started] = []
@@ -185,14 +196,11 @@ class Consumer:
             out.append((action, row))
         return out
 
-    async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[bool]:
-        outcomes = [o for o, _ in items]
-        applied = await self.store.record_outcomes(outcomes)
+    async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[None]:
+        await self.store.record_outcomes([o for o, _ in items])
         metrics.BATCH_SIZE.observe(len(items))
         entries = []
         for outcome, row in items:
-            if not applied.get(outcome.id):
-                continue
             metrics.DELIVERIES.labels(outcome.kind).inc()
             extra = {"message_id": outcome.id, "attempt": outcome.attempt}
             if outcome.kind == "sent":
@@ -213,7 +221,7 @@ class Consumer:
                 log.warning("message %d failed: %s", outcome.id, outcome.error, extra=extra)
                 await self._dead_letter_copy(outcome, row)
         await self._write_cache(entries)
-        return [bool(applied.get(o.id)) for o in outcomes]
+        return [None] * len(items)
 
     async def _write_cache(self, entries: list[tuple[str, int, object]]) -> None:
         """Write cache entries; on a Redis error keep them and try again with the next batch (MySQL has

@@ -48,7 +48,7 @@ class Service:
         self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
-        self.log_file = self.log_path.open("ab")
+        self.log_file = self.log_path.open("wb")
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             argv, env=full_env, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True

@@ -16,8 +16,7 @@ from consumer.service import parse_body
 @pytest.mark.parametrize(
     ("status", "redelivered", "at_least_once", "action"),
     [
-        ("queued", False, False, Action.SEND),
-        ("queued", True, False, Action.SEND),
+        ("queued", False, False, Action.DROP),  # still queued but not won by this delivery
         ("sending", False, False, Action.DROP),  # someone else is sending it right now
         ("sending", True, False, Action.FAIL_UNKNOWN),  # its consumer died mid-request
         ("sending", True, True, Action.SEND),
@@ -29,6 +28,11 @@ from consumer.service import parse_body
 )
 def test_decide(status: str | None, redelivered: bool, at_least_once: bool, action: Action) -> None:
     assert decide(status, redelivered, at_least_once) is action
+
+
+def test_the_winner_of_the_compare_and_set_sends() -> None:
+    assert decide("sending", False, False, won=True) is Action.SEND
+    assert decide("sending", True, False, won=True) is Action.SEND
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:

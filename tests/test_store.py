@@ -62,7 +62,10 @@ async def test_exactly_one_concurrent_compare_and_set_wins(settings: Settings, s
     pools = [await create_pool(settings, maxsize=1) for _ in range(10)]
     try:
         results = await asyncio.gather(
-            *(MessageStore(p).begin_sending([mid], lambda _i, status: decide(status, False, False)) for p in pools)
+            *(
+                MessageStore(p).begin_sending([mid], lambda _i, status, won: decide(status, False, False, won))
+                for p in pools
+            )
         )
     finally:
         for p in pools:
@@ -87,33 +90,37 @@ async def test_stale_claims_found_after_the_lease_not_before(store: MessageStore
 async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageStore) -> None:
     a, b, c = await seed(store, 3)
     await store.claim(3)
-    await store.begin_sending([a, b, c], lambda _i, s: decide(s, False, False))
+    await store.begin_sending([a, b, c], lambda _i, s, won: decide(s, False, False, won))
     t0 = utcnow()
     t1 = t0 + dt.timedelta(milliseconds=30)
-    applied = await store.record_outcomes(
+    await store.record_outcomes(
         [
             Outcome(a, "sent", 1, t0, t1, 202, remote_message_id="rid-a"),
             Outcome(b, "retry", 1, t0, t1, 503, error="HTTP 503", next_attempt_at=t1 + dt.timedelta(seconds=5)),
             Outcome(c, "failed", 1, t0, t1, 400, error="HTTP 400"),
         ]
     )
-    assert applied == {a: True, b: True, c: True}
     row_a, row_b, row_c = [await store.get(i) for i in (a, b, c)]
     assert (row_a["status"], row_a["remote_message_id"], row_a["attempts"]) == ("sent", "rid-a", 1)
     assert row_a["attempt_log"][0]["duration_ms"] == 30
     assert (row_b["status"], row_b["last_error"], row_b["attempts"]) == ("pending", "HTTP 503", 1)
     assert (row_c["status"], row_c["last_error"]) == ("failed", "HTTP 400")
     assert await store.sent_total() == 1
-    # A second write of the same outcome (a duplicate) changes nothing.
-    assert await store.record_outcomes([Outcome(a, "sent", 2, t0, t1, 202, remote_message_id="x")]) == {a: False}
+    # A second outcome for a row that is no longer sending (a duplicate) moves nothing.
+    await store.record_outcomes(
+        [
+            Outcome(a, "sent", 2, t0, t1, 202, remote_message_id="x"),
+            Outcome(c, "retry", 2, t0, t1, 500, error="x", next_attempt_at=t1),
+        ]
+    )
     assert await store.sent_total() == 1
-    assert len((await store.get(a))["attempt_log"]) == 1
+    assert ((await store.get(a))["remote_message_id"], (await store.get(c))["status"]) == ("rid-a", "failed")
 
 
 async def test_sent_list_offset_and_cursor_agree(store: MessageStore) -> None:
     ids = await seed(store, 30)
     await store.claim(30)
-    await store.begin_sending(ids, lambda _i, s: decide(s, False, False))
+    await store.begin_sending(ids, lambda _i, s, won: decide(s, False, False, won))
     base = utcnow()
     # Two rows share a sent_at to exercise the id tie-break.
     await store.record_outcomes(
@@ -147,7 +154,7 @@ async def test_dispatch_switch_persists(store: MessageStore) -> None:
 async def test_retry_failed(store: MessageStore, pool: aiomysql.Pool) -> None:
     (mid,) = await seed(store, 1)
     await store.claim(1)
-    await store.begin_sending([mid], lambda _i, s: decide(s, False, False))
+    await store.begin_sending([mid], lambda _i, s, won: decide(s, False, False, won))
     now = utcnow()
     await store.record_outcomes([Outcome(mid, "failed", 1, now, now, 400, error="HTTP 400")])
     row = await store.retry_failed(mid)
