@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# The consumer: delivers dispatched messages to the webhook, records the outcome.
+# Built by docker-compose.yml; by hand, from the repository root:
+#   docker build -f deploy/consumer.Dockerfile -t message-sender-consumer .
+
+# --- build: install the distribution (wheels only, no compiler needed) into a virtualenv -------------------
+FROM python:3.11.10-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY producer ./producer
+COPY consumer ./consumer
+COPY gateway ./gateway
+RUN /opt/venv/bin/pip install .
+
+# --- runtime: the virtualenv only, as an unprivileged user --------------------------------------------------
+FROM python:3.11.10-slim-bookworm
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LOG_FORMAT=json CONSUMER_METRICS_PORT=9102
+WORKDIR /app
+USER 10001:10001
+EXPOSE 9102
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD python -c "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['CONSUMER_METRICS_PORT'], timeout=4)"
+ENTRYPOINT ["message-sender-consumer"]
