@@ -47,15 +47,23 @@ Start = tuple[int, bool]  # (message id, redelivered)
 Started = tuple[Action | None, Delivery | None]  # action None: unknown id (poison)
 
 
-def parse_body(body: bytes) -> int | None:
-    """The message id of a dispatch message body ``{"id": <positive int>}``; None for anything else."""
+MAX_IDS = 10_000
+
+
+def parse_body(body: bytes) -> list[int] | None:
+    """The message ids of a dispatch message body, ``{"id": 42}`` or ``{"ids": [42, 43]}``; None for
+    anything else (not JSON, wrong shape, an id that is not a positive integer)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    value = data.get("id") if isinstance(data, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    if not isinstance(data, dict):
+        return None
+    values = [data["id"]] if "id" in data else data.get("ids")
+    if not isinstance(values, list) or not 0 < len(values) <= MAX_IDS:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return values
     return None
 
 
@@ -134,30 +142,40 @@ class Consumer:
             await self._dead_letter(message, "unexpected error", message.message_id)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        message_id = parse_body(message.body)
-        if message_id is None:
+        ids = parse_body(message.body)
+        if ids is None:
             await self._dead_letter(message, "malformed body", message.body[:200])
             return
-        action, row = await self._persist(
-            lambda: self.starts.submit((message_id, message.redelivered)), "compare-and-set"
-        )
-        if action is None or row is None:
-            await self._dead_letter(message, "unknown message id", message_id)
+        results = await asyncio.gather(*(self._process(i, message.redelivered) for i in ids), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        unknown = [i for i, known in zip(ids, results, strict=True) if not known]
+        if unknown and len(unknown) == len(ids):
+            await self._dead_letter(message, "unknown message id", unknown)
             return
+        if unknown:
+            await self._dead_letter_ids(unknown)
+        await self._ack(message)
+
+    async def _process(self, message_id: int, redelivered: bool) -> bool:
+        """Take one id through compare-and-set, delivery and outcome commit; False if the id is unknown."""
+        action, row = await self._persist(lambda: self.starts.submit((message_id, redelivered)), "compare-and-set")
+        if action is None or row is None:
+            return False
         if action is Action.DROP:
             metrics.DUPLICATES.inc()
             log.info(
                 "message %d is %s; duplicate delivery dropped", message_id, row.status, extra={"message_id": message_id}
             )
-            await self._ack(message)
-            return
+            return True
         if action is Action.FAIL_UNKNOWN:
             now = utcnow()
             outcome = Outcome(row.id, "failed", row.attempts + 1, now, now, error=OUTCOME_UNKNOWN)
         else:
             outcome = await self.webhook.deliver(row)
         await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
-        await self._ack(message)
+        return True
 
     async def _persist(self, work: Callable[[], Awaitable[T]], what: str) -> T:
         """Run database work until it succeeds: an outage is logged once, with the retry plan."""
@@ -256,6 +274,15 @@ class Consumer:
             metrics.DEAD_LETTERED.labels("failed").inc()
         except Exception as exc:  # the row says failed; the copy is a convenience
             log.warning("message %d: dead-letter copy not published (%s)", row.id, exc, extra={"message_id": row.id})
+
+    async def _dead_letter_ids(self, ids: list[int]) -> None:
+        """Unknown ids inside an otherwise good dispatch message: dead-letter a copy naming them."""
+        log.warning("unknown message ids %s sent to the dead-letter queue", ids)
+        metrics.DEAD_LETTERED.labels("poison").inc()
+        try:
+            await self.topology.dead_letter_copy(orjson.dumps({"ids": ids}), {"x-reason": "unknown message id"})
+        except Exception as exc:
+            log.warning("dead-letter copy of unknown ids %s not published (%s)", ids, exc)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, what: object) -> None:
         log.warning("poison message (%s: %r) sent to the dead-letter queue", reason, what)

@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 from typing import Any
 
+import aio_pika
 import aiomysql
 import pytest
 import redis.asyncio as redis
@@ -241,3 +242,34 @@ async def test_429_retry_after_is_honoured(
     assert (first[0], first[1], second[0]) == ("retry", 429, "sent")
     waited: dt.timedelta = second[3] - first[4]
     assert waited.total_seconds() >= 2.0, "the second attempt came before Retry-After"
+
+
+async def test_poison_messages_are_dead_lettered_and_the_consumer_goes_on(
+    store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+) -> None:
+    await store.set_sending(False)
+    (mid,) = await insert(settings, 1)
+    assert await store.claim(1) == [mid]
+    cluster.start("consumer")
+    conn = await topology.connect(settings.amqp_url.reveal())
+    async with conn:
+        topo = await topology.open_channel(conn)
+        for body in (b"not json", b'{"id": "seven"}', b"[1, 2]", b'{"id": 999999}'):
+            await topo.dispatch.publish(aio_pika.Message(body), routing_key=topology.DISPATCH_ROUTING_KEY)
+        # A good chunk with one unknown id: the known one is sent, the unknown one dead-lettered.
+        await topo.dispatch.publish(
+            aio_pika.Message(b'{"ids": [%d, 888888]}' % mid), routing_key=topology.DISPATCH_ROUTING_KEY
+        )
+        await wait_for(lambda: all_finished(settings), 20, "the good message to be sent")
+        dead = []
+
+        async def five_dead() -> bool:
+            got = await topo.dead_letter_queue.get(fail=False)
+            if got is not None:
+                dead.append(got.body)
+                await got.ack()
+            return len(dead) == 5
+
+        await wait_for(five_dead, 20, "five dead-lettered messages")
+    assert sorted(dead) == sorted([b"not json", b'{"id": "seven"}', b"[1, 2]", b'{"id": 999999}', b'{"ids":[888888]}'])
+    assert await standin.keys() == [str(mid)]

@@ -63,7 +63,11 @@ def test_retryable_statuses(status: int, retryable: bool) -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b'{"id": 5}', 5),
+        (b'{"id": 5}', [5]),
+        (b'{"ids": [5, 6]}', [5, 6]),
+        (b'{"ids": []}', None),
+        (b'{"ids": [1, "x"]}', None),
+        (b'{"ids": 5}', None),
         (b"not json", None),
         (b'{"id": "5"}', None),
         (b'{"id": -1}', None),
@@ -71,7 +75,7 @@ def test_retryable_statuses(status: int, retryable: bool) -> None:
         (b'{"id": true}', None),
     ],
 )
-def test_parse_body(body: bytes, expected: int | None) -> None:
+def test_parse_body(body: bytes, expected: list[int] | None) -> None:
     assert parse_body(body) == expected
 
 

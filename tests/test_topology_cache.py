@@ -15,7 +15,7 @@ async def test_confirmed_publish_reaches_the_queue_and_rejects_dead_letter(setti
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
         topo = await topology.open_channel(conn, prefetch=10)
-        assert await topo.publish_ids([1, 2, 3]) == []
+        assert await topo.publish_ids([1, 2, 3], chunk=1) == []
         got = []
         for _ in range(3):
             msg = await topo.dispatch_queue.get(timeout=5)
