@@ -48,6 +48,7 @@ Started = tuple[Action | None, Delivery | None]  # action None: unknown id (pois
 
 
 MAX_IDS = 10_000
+CACHE_BACKLOG_MAX = 100_000
 
 
 def parse_body(body: bytes) -> list[int] | None:
@@ -84,7 +85,7 @@ class Consumer:
             pool: aiomysql.Pool = await stack.enter_async_context(pool_ctx(s, maxsize=8))
             await migrate(pool)
             self.store = MessageStore(pool)
-            client = redis.from_url(s.redis_url.reveal())
+            client = redis.from_url(s.redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5)
             stack.push_async_callback(client.aclose)
             self.cache = MessageCache(client, s.cache_ttl_seconds, s.redis_prefix)
             session = Webhook.open_session(s)
@@ -104,12 +105,22 @@ class Consumer:
                 s.consumer_prefetch,
                 s.delivery_guarantee,
             )
+            flusher = asyncio.get_running_loop().create_task(self._flush_cache_backlog(stop))
             await stop.wait()
+            await flusher
             self.ready = False
             log.info("stopping: no new deliveries; waiting for %d in flight", len(self.inflight))
             with contextlib.suppress(Exception):
                 await self.topology.dispatch_queue.cancel(tag)
             await self._drain(s.shutdown_timeout_seconds)
+
+    async def _flush_cache_backlog(self, stop: asyncio.Event, every: float = 1.0) -> None:
+        """Write cache entries held back by a Redis outage even when no new delivery comes along."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            if self.cache_backlog:
+                await self._write_cache([], retry=True)
 
     def health(self) -> dict[str, object]:
         return {"status": "ok" if self.ready else "starting", "inflight": len(self.inflight)}
@@ -122,8 +133,12 @@ class Consumer:
             if late:
                 log.warning("%d deliveries did not finish within %.0fs; they will be redelivered", len(late), grace)
         if self.cache_backlog:
-            with contextlib.suppress(Exception):
-                await self._write_cache([])
+            await self._write_cache([], retry=True)
+            if self.cache_backlog:
+                log.error(
+                    "stopping with %d cache entries unwritten (Redis down); run `message-sender cache-backfill`",
+                    len(self.cache_backlog),
+                )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(message))
@@ -241,23 +256,40 @@ class Consumer:
         await self._write_cache(entries)
         return [None] * len(items)
 
-    async def _write_cache(self, entries: list[tuple[str, int, object]]) -> None:
-        """Write cache entries; on a Redis error keep them and try again with the next batch (MySQL has
-        them anyway: ``message-sender cache-backfill`` rewrites the cache from it)."""
+    async def _write_cache(self, entries: list[tuple[str, int, object]], retry: bool = False) -> None:
+        """Write cache entries in one pipeline. While Redis is down they are held back (deliveries go on,
+        MySQL has every outcome) and written by the background flusher once it is back; past
+        ``CACHE_BACKLOG_MAX`` the oldest are dropped with an error naming ``message-sender cache-backfill``,
+        which rewrites the whole cache from MySQL."""
+        if self.cache_backlog and not retry:
+            self._hold_back(entries)
+            return
         pending = self.cache_backlog + entries
         if not pending:
             return
         try:
             await self.cache.put_many(pending)  # type: ignore[arg-type]
         except (redis.RedisError, OSError) as exc:
-            metrics.CACHE_ERRORS.inc(len(entries))
             if not self.cache_backlog:
-                log.warning("Redis unavailable (%s); keeping cache entries to write when it is back", exc)
-            self.cache_backlog = pending[-100_000:]
+                log.warning("Redis unavailable (%s); holding cache entries back, retrying every second", exc)
+            self.cache_backlog = []
+            self._hold_back(pending)
             return
         if self.cache_backlog:
-            log.info("Redis is back; wrote %d delayed cache entries", len(self.cache_backlog))
+            log.info("Redis is back; wrote %d held-back cache entries", len(self.cache_backlog))
         self.cache_backlog = []
+
+    def _hold_back(self, entries: list[tuple[str, int, object]]) -> None:
+        metrics.CACHE_ERRORS.inc(len(entries))
+        self.cache_backlog.extend(entries)
+        overflow = len(self.cache_backlog) - CACHE_BACKLOG_MAX
+        if overflow > 0:
+            del self.cache_backlog[:overflow]
+            log.error(
+                "Redis still down: %d cache entries dropped from memory; run `message-sender cache-backfill`"
+                " once it is back to rewrite them from MySQL",
+                overflow,
+            )
 
     async def _dead_letter_copy(self, outcome: Outcome, row: Delivery) -> None:
         body = orjson.dumps(
