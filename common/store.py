@@ -81,11 +81,15 @@ class MessageStore:
             return list(await cur.fetchall())
 
     async def list_sent_after(self, sent_at: dt.datetime, message_id: int, limit: int) -> list[Row]:
-        """The page of sent messages that follows the one ending at ``(sent_at, message_id)``."""
+        """The page of sent messages that follows the one ending at ``(sent_at, message_id)``.
+
+        The index hint and the redundant ``sent_at <= %s`` make it a range scan of ``ix_messages_sent`` that
+        starts at the cursor; without them MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms
+        150,000 rows deep)."""
         async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
             await cur.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE status = 'sent'"
-                " AND (sent_at < %s OR (sent_at = %s AND id < %s))"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages FORCE INDEX (ix_messages_sent) WHERE status = 'sent'"
+                " AND sent_at <= %s AND (sent_at < %s OR id < %s)"
                 " ORDER BY sent_at DESC, id DESC LIMIT %s",
                 (sent_at, sent_at, message_id, limit),
             )

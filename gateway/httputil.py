@@ -12,6 +12,8 @@ from aiohttp import web
 # Naive DATETIME(6) values are UTC: written as ISO 8601 with a trailing ``Z``.
 JSON_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
 _DIGITS = re.compile(r"[0-9]{1,19}")
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+_JSON_TYPES[type(None)] = "null"
 
 
 class ApiError(Exception):
@@ -67,5 +69,5 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise invalid("body", f"must be a JSON object, not {type(data).__name__}")
+        raise invalid("body", f"must be a JSON object, not {_JSON_TYPES.get(type(data), 'another value')}")
     return data

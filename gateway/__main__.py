@@ -1,0 +1,45 @@
+"""``python -m gateway`` / ``message-sender-gateway``: the public REST API, Swagger UI, health and metrics.
+
+The schema migrations are applied on start-up (by the app's MySQL context, before it takes requests);
+SIGTERM/SIGINT stop it gracefully (aiohttp's ``run_app``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from common.logs import setup_logging
+from common.service import load_settings, new_event_loop
+from gateway.app import create_app
+from gateway.spec import SWAGGER_UI
+
+log = logging.getLogger("gateway")
+
+
+def main() -> None:
+    settings = load_settings("gateway")  # a bad setting: one line "gateway: ..." and exit code 2
+    setup_logging(settings.log_level, settings.log_format)
+    shown = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::", "") else settings.gateway_host
+    log.info(
+        "gateway starting on %s:%d; Swagger UI at http://%s:%d%s; API token %s",
+        settings.gateway_host,
+        settings.gateway_port,
+        shown,
+        settings.gateway_port,
+        SWAGGER_UI,
+        "required for state changes" if settings.api_token else "not set (state changes are open)",
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        access_log=None,  # gateway.access logs each request with its fields instead
+        print=None,
+        loop=new_event_loop(),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The gateway application: ``create_app(settings)`` wires routes, middlewares and the Swagger spec
+without any I/O; MySQL, Redis and RabbitMQ are opened on start-up and closed on shutdown (``cleanup_ctx``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aio_pika
+import redis.asyncio as redis
+from aiohttp import web
+from yarl import URL
+
+from common.db import pool_ctx
+from common.migrations import migrate
+from common.settings import Settings, mask_url
+from common.store import MessageStore
+from gateway import dispatch, health, messages
+from gateway.errors import MAX_BODY_BYTES, error_middleware
+from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, REDIS, SETTINGS, STORE, AmqpLink
+from gateway.metrics import HttpMetrics, metrics_middleware
+from gateway.spec import setup_swagger
+
+log = logging.getLogger(__name__)
+
+DB_POOL_SIZE = 20
+AMQP_RETRY_SECONDS = 5.0
+
+
+async def mysql_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The MySQL pool (retried with backoff until MySQL answers) and the schema brought up to date."""
+    async with pool_ctx(app[SETTINGS], maxsize=DB_POOL_SIZE) as pool:
+        await migrate(pool)
+        app[DB_POOL] = pool
+        app[STORE] = MessageStore(pool)
+        yield
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client: connections are opened lazily, so an unreachable Redis shows in /readyz."""
+    url = app[SETTINGS].redis_url.reveal()
+    client = redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    app[REDIS] = client
+    log.info("redis client for %s", mask_url(url))
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A robust RabbitMQ connection for /readyz. Start-up never waits for it: the connection keeps trying
+    in the background (each failed attempt logged by aio-pika) and /readyz reports it until it is up."""
+    url = app[SETTINGS].amqp_url.reveal()
+    conn = aio_pika.RobustConnection(URL(url), fail_fast=False, reconnect_interval=AMQP_RETRY_SECONDS)
+    app[AMQP].connection = conn
+
+    async def connected() -> None:
+        await conn.connect()
+        log.info("connected to %s", mask_url(url))
+
+    waiter = asyncio.create_task(connected(), name="gateway-amqp-connect")
+    try:
+        yield
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        await conn.close()  # also stops its reconnect loop, connected or not
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The gateway, ready to run; nothing is connected until the app starts."""
+    metrics = HttpMetrics()
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware(metrics), error_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[AMQP] = AmqpLink()
+    app[API_TOKEN] = settings.api_token.reveal().encode()
+    app.cleanup_ctx.extend([mysql_ctx, redis_ctx, amqp_ctx])
+
+    messages.add_routes(app)
+    dispatch.add_routes(app)
+    health.add_routes(app)
+    setup_swagger(app)
+    return app
