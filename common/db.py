@@ -14,8 +14,9 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Every connection works in UTC so DATETIME(6) values mean the same thing on every replica.
-_INIT = "SET time_zone = '+00:00'"
+# Every connection works in UTC so DATETIME(6) values mean the same thing on every replica; a page of
+# the sent list (up to 1,000 rows) is assembled with GROUP_CONCAT, whose MySQL default limit is 1 KiB.
+_INIT = "SET time_zone = '+00:00', group_concat_max_len = 16777216"
 ER_BAD_DB = 1049
 
 

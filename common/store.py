@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiomysql
+import orjson
 
 from common.errors import ConflictError, NotFoundError
 from common.models import Action, Delivery, Outcome, Status
@@ -22,6 +24,21 @@ DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, up
 ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms"
 
 Row = dict[str, Any]
+_EPOCH = dt.datetime(1970, 1, 1)
+_ISO = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
+_SENT_JSON = (
+    "JSON_OBJECT('id', id, 'recipient', recipient, 'content', content, 'status', status,"
+    " 'remote_message_id', remote_message_id, 'attempts', attempts,"
+    f" 'created_at', DATE_FORMAT(created_at, {_ISO}), 'sent_at', DATE_FORMAT(sent_at, {_ISO}))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SentPage:
+    total: int  # all sent messages
+    json: str  # the page as a JSON array
+    count: int  # rows on the page
+    last_key: str | None  # "<sent_at micros>:<id>" of the last row, for the next cursor
 
 
 def _in(ids: Sequence[int]) -> str:
@@ -68,32 +85,45 @@ class MessageStore:
             row["attempt_log"] = list(await cur.fetchall())
             return row
 
-    async def list_sent(self, limit: int, offset: int = 0) -> list[Row]:
-        """Sent messages, newest ``sent_at`` first; the offset is walked on the covering index only."""
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
-            await cur.execute(
-                f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))} FROM ("
-                " SELECT id FROM messages WHERE status = 'sent'"
-                " ORDER BY sent_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
-                " JOIN messages AS m ON m.id = page.id ORDER BY m.sent_at DESC, m.id DESC",
-                (limit, offset),
-            )
-            return list(await cur.fetchall())
+    async def sent_page(self, limit: int, offset: int = 0, after: tuple[int, int] | None = None) -> SentPage:
+        """A page of sent messages, newest first, already as a JSON array, with the total, in one round trip.
 
-    async def list_sent_after(self, sent_at: dt.datetime, message_id: int, limit: int) -> list[Row]:
-        """The page of sent messages that follows the one ending at ``(sent_at, message_id)``.
-
-        The index hint and the redundant ``sent_at <= %s`` make it a range scan of ``ix_messages_sent`` that
-        starts at the cursor; without them MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms
-        150,000 rows deep)."""
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        Sent rows are numbered (``sent_seq`` 1, 2, ...) in the commit that marks them, in ``(sent_at, id)``
+        order, so an offset page is a range of ``sent_seq``: as fast at offset 500,000 as at 0. ``after``
+        (``(sent_at in microseconds since the epoch, id)`` of the previous page's last row) continues a
+        walk that new sends cannot shift. Rows come out as ``JSON_OBJECT`` text: no per-column decoding."""
+        if after is None:
+            where, args = "sent_seq <= (SELECT value FROM counters WHERE name = 'sent') - %s", [offset]
+            order = "sent_seq DESC"
+        else:
+            at = _EPOCH + dt.timedelta(microseconds=after[0])
+            # The index hint and the redundant bound make it a range scan starting at the cursor; without them
+            # MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms 150,000 rows deep).
+            where, args = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)", [at, at, after[1]]
+            order = "sent_at DESC, id DESC"
+        hint = "FORCE INDEX (ix_messages_sent)" if after else ""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages FORCE INDEX (ix_messages_sent) WHERE status = 'sent'"
-                " AND sent_at <= %s AND (sent_at < %s OR id < %s)"
-                " ORDER BY sent_at DESC, id DESC LIMIT %s",
-                (sent_at, sent_at, message_id, limit),
+                "SELECT value FROM counters WHERE name = 'sent';"
+                f" SELECT {_SENT_JSON} FROM messages {hint} WHERE {where} ORDER BY {order} LIMIT %s",
+                [*args, limit],
             )
-            return list(await cur.fetchall())
+            total_row = await cur.fetchone()
+            await cur.nextset()
+            rows = [r[0] for r in await cur.fetchall()]
+            while await cur.nextset():
+                pass
+        last_key = None
+        if rows:
+            last = orjson.loads(rows[-1])
+            sent_at = dt.datetime.fromisoformat(last["sent_at"].removesuffix("Z"))
+            last_key = f"{(sent_at - _EPOCH) // dt.timedelta(microseconds=1)}:{last['id']}"
+        return SentPage(
+            total=int(total_row[0]) if total_row else 0,
+            json="[" + ",".join(rows) + "]",
+            count=len(rows),
+            last_key=last_key,
+        )
 
     async def sent_total(self) -> int:
         """How many messages are ``sent``: a counter kept in the same transactions that mark them."""
@@ -108,6 +138,60 @@ class MessageStore:
             counts = {s.value: 0 for s in Status}
             counts.update({status: int(n) for status, n in await cur.fetchall()})
             return counts
+
+    async def sent_since(self, seconds: float) -> int:
+        """How many messages were sent in the last ``seconds`` (a range of ``ix_messages_sent``)."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM messages WHERE status = 'sent'"
+                " AND sent_at >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
+                (int(seconds * 1_000_000),),
+            )
+            (n,) = await cur.fetchone()
+            return int(n)
+
+    async def claim_to_sent_seconds(self, limit: int) -> list[float]:
+        """``sent_at - queued_at`` (the last claim to the send) of the ``limit`` most recently sent messages
+        (rows sent without a claim, e.g. inserted as sent, have no ``queued_at`` and are left out)."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, queued_at, sent_at) FROM messages WHERE status = 'sent'"
+                " ORDER BY sent_at DESC LIMIT %s",
+                (limit,),
+            )
+            return [max(int(us), 0) / 1_000_000 for (us,) in await cur.fetchall() if us is not None]
+
+    async def per_minute(self, since: dt.datetime) -> dict[dt.datetime, tuple[int, int]]:
+        """``{minute: (sent, failed)}`` from ``since`` on (UTC); minutes with neither are left out. Sent rows
+        are counted by ``sent_at`` (a range of ``ix_messages_sent``); failed ones by ``updated_at``, which
+        reads every failed row (the ``status`` prefix of ``ix_messages_claim``): fine while they are few."""
+        minute = "DATE_FORMAT({}, '%%Y-%%m-%%d %%H:%%i')"
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT {minute.format('sent_at')} AS m, COUNT(*), 0 FROM messages"
+                " WHERE status = 'sent' AND sent_at >= %s GROUP BY m"
+                f" UNION ALL SELECT {minute.format('updated_at')} AS m, 0, COUNT(*) FROM messages"
+                " WHERE status = 'failed' AND updated_at >= %s GROUP BY m",
+                (since, since),
+            )
+            result: dict[dt.datetime, tuple[int, int]] = {}
+            for text, sent, failed in await cur.fetchall():
+                at = dt.datetime.strptime(text, "%Y-%m-%d %H:%M")
+                before = result.get(at, (0, 0))
+                result[at] = (before[0] + int(sent), before[1] + int(failed))
+            return result
+
+    async def list_failed(self, limit: int, offset: int = 0) -> list[Row]:
+        """Failed messages, newest first, with their reason; the page is found on ``ix_messages_claim``."""
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(
+                "SELECT m.id, m.recipient, m.content, m.last_error, m.attempts, m.updated_at FROM ("
+                " SELECT id FROM messages WHERE status = 'failed'"
+                " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
+                " JOIN messages AS m ON m.id = page.id ORDER BY m.created_at DESC, m.id DESC",
+                (limit, offset),
+            )
+            return list(await cur.fetchall())
 
     # --- the producer's side --------------------------------------------------------------------
 
@@ -206,28 +290,71 @@ class MessageStore:
             result.append((message_id, decide(message_id, row.status if row else None, won), row))
         return result
 
-    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        """Write a batch of delivery outcomes as one transaction in one round trip (the group commit):
-        the row updates (only rows still ``sending`` move, so a duplicate outcome changes nothing), the
-        sent counter (by the rows that really moved), and one ``message_attempts`` row per attempt."""
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dt.datetime | None:
+        """Write a batch of delivery outcomes as one transaction (the group commit): the row updates (only
+        rows still ``sending`` move, so a duplicate outcome changes nothing), the sent counter, and one
+        ``message_attempts`` row per attempt. Returns the ``sent_at`` given to this batch's sent rows.
+
+        Sent rows get their ``sent_at`` and ``sent_seq`` under the lock of the sent counter, so commits
+        number them one after another: ``sent_at`` never goes backwards and ``sent_seq`` follows
+        ``(sent_at, id)`` order exactly, which is what lets an offset page be a range of ``sent_seq``.
+        Two round trips with sent rows in the batch (lock and read, then write and commit), else one."""
         if not outcomes:
-            return
-        statements, args = ["START TRANSACTION"], []
+            return None
         sent = [o for o in outcomes if o.kind == "sent"]
+        statements: list[str] = []
+        args: list[Any] = []
+        sent_at: dt.datetime | None = None
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            try:
+                if sent:
+                    ids = sorted({o.id for o in sent})
+                    await cur.execute(
+                        "START TRANSACTION; SELECT value FROM counters WHERE name = 'sent' FOR UPDATE;"
+                        " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_at) + INTERVAL 1 MICROSECOND,"
+                        " UTC_TIMESTAMP(6))) FROM messages WHERE status = 'sent';"
+                        f" SELECT id FROM messages WHERE id IN ({_in(ids)}) AND status = 'sending'"
+                        " ORDER BY id FOR UPDATE",
+                        ids,
+                    )
+                    await cur.nextset()
+                    (base,) = await cur.fetchone()
+                    await cur.nextset()
+                    (sent_at,) = await cur.fetchone()
+                    await cur.nextset()
+                    live = [int(r[0]) for r in await cur.fetchall()]
+                    while await cur.nextset():
+                        pass
+                    remote = {o.id: o.remote_message_id for o in sent}
+                    if live:
+                        table, values = _values_table(
+                            [(i, remote[i], int(base) + n) for n, i in enumerate(live, start=1)], ("id", "rid", "seq")
+                        )
+                        statements += [
+                            f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                            " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = %s, m.sent_seq = v.seq,"
+                            " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
+                            " WHERE m.status = 'sending'",
+                            "UPDATE counters SET value = %s WHERE name = 'sent'",
+                        ]
+                        args += [*values, sent_at, int(base) + len(live)]
+                else:
+                    statements.append("START TRANSACTION")
+                self._outcome_statements(outcomes, statements, args)
+                statements.append("COMMIT")
+                await cur.execute(";\n".join(statements), args)
+                while await cur.nextset():
+                    pass
+            except BaseException:
+                await conn.rollback()
+                raise
+        return sent_at
+
+    @staticmethod
+    def _outcome_statements(outcomes: Sequence[Outcome], statements: list[str], args: list[Any]) -> None:
+        """The retry and failed updates and the attempt rows of a group commit."""
         retry = [o for o in outcomes if o.kind == "retry"]
         failed = [o for o in outcomes if o.kind == "failed"]
-        if sent:
-            table, values = _values_table(
-                [(o.id, o.remote_message_id, o.finished_at) for o in sent], ("id", "rid", "at")
-            )
-            statements += [
-                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = v.at,"
-                " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
-                " WHERE m.status = 'sending'",
-                "UPDATE counters SET value = value + ROW_COUNT() WHERE name = 'sent'",
-            ]
-            args += values
         if retry:
             table, values = _values_table([(o.id, o.error, o.next_attempt_at) for o in retry], ("id", "err", "due"))
             statements.append(
@@ -251,15 +378,6 @@ class MessageStore:
         )
         for o in outcomes:
             args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]
-        statements.append("COMMIT")
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            try:
-                await cur.execute(";\n".join(statements), args)
-                while await cur.nextset():
-                    pass
-            except BaseException:
-                await conn.rollback()
-                raise
 
     async def retry_failed(self, message_id: int) -> Row:
         """Put a ``failed`` message back to ``pending`` with a fresh attempt budget."""

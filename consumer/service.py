@@ -75,6 +75,8 @@ class Consumer:
         self.inflight: set[asyncio.Task[None]] = set()
         self.cache_backlog: list[tuple[str, int, object]] = []
         self.ready = False
+        metrics.INFLIGHT.set_function(lambda: len(self.inflight))
+        metrics.CACHE_BACKLOG.set_function(lambda: len(self.cache_backlog))
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -153,7 +155,11 @@ class Consumer:
         except Exception:
             # A bug, not an outage (outages are retried inside _handle). Do not hold the prefetch slot
             # forever: dead-letter the delivery; the row's own state (lease, redelivery rule) still holds.
-            log.exception("unexpected error handling delivery %s", message.message_id)
+            log.exception(
+                "unexpected error handling delivery %s",
+                message.message_id,
+                extra={"message_ids": parse_body(message.body)},
+            )
             await self._dead_letter(message, "unexpected error", message.message_id)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
@@ -230,7 +236,7 @@ class Consumer:
         return out
 
     async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[None]:
-        await self.store.record_outcomes([o for o, _ in items])
+        sent_at = await self.store.record_outcomes([o for o, _ in items])
         metrics.BATCH_SIZE.observe(len(items))
         entries = []
         for outcome, row in items:
@@ -239,7 +245,7 @@ class Consumer:
             if outcome.kind == "sent":
                 log.debug("message %d sent", outcome.id, extra=extra)
                 if outcome.remote_message_id:
-                    entries.append((outcome.remote_message_id, outcome.id, outcome.finished_at))
+                    entries.append((outcome.remote_message_id, outcome.id, sent_at or outcome.finished_at))
             elif outcome.kind == "retry":
                 metrics.RETRIES.inc()
                 log.info(
@@ -309,12 +315,12 @@ class Consumer:
 
     async def _dead_letter_ids(self, ids: list[int]) -> None:
         """Unknown ids inside an otherwise good dispatch message: dead-letter a copy naming them."""
-        log.warning("unknown message ids %s sent to the dead-letter queue", ids)
+        log.warning("unknown message ids %s sent to the dead-letter queue", ids, extra={"message_ids": ids})
         metrics.DEAD_LETTERED.labels("poison").inc()
         try:
             await self.topology.dead_letter_copy(orjson.dumps({"ids": ids}), {"x-reason": "unknown message id"})
         except Exception as exc:
-            log.warning("dead-letter copy of unknown ids %s not published (%s)", ids, exc)
+            log.warning("dead-letter copy of unknown ids %s not published (%s)", ids, exc, extra={"message_ids": ids})
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, what: object) -> None:
         log.warning("poison message (%s: %r) sent to the dead-letter queue", reason, what)
@@ -327,4 +333,9 @@ class Consumer:
             await message.ack()
         except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
             # The channel went away: the broker redelivers, and the row's status makes that a no-op.
-            log.info("ack of %s lost (%s); the redelivery will be dropped", message.message_id, exc)
+            log.info(
+                "ack of %s lost (%s); the redelivery will be dropped",
+                message.message_id,
+                exc,
+                extra={"message_ids": parse_body(message.body)},
+            )

@@ -10,6 +10,7 @@ from aiohttp import web
 from common.settings import Settings
 from common.store import MessageStore
 from gateway.metrics import HttpMetrics
+from gateway.paging import PageCache
 
 
 class AmqpLink:
@@ -26,3 +27,4 @@ REDIS = web.AppKey("redis", redis.Redis)
 AMQP = web.AppKey("amqp", AmqpLink)
 API_TOKEN = web.AppKey("api_token", bytes)  # empty: no token required
 METRICS = web.AppKey("metrics", HttpMetrics)
+PAGES = web.AppKey("pages", PageCache)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 from marshmallow import ValidationError
 
 from gateway.auth import SECURITY, protected
 from gateway.errors import error_responses
-from gateway.httputil import JSON_OPTIONS, ApiError, invalid, json_response, query_int, read_json
-from gateway.keys import STORE
+from gateway.httputil import ApiError, invalid, json_response, query_int, read_json
+from gateway.keys import PAGES, STORE
 from gateway.message_schemas import (
     DETAIL_EXAMPLE,
     EXAMPLE,
@@ -78,16 +77,20 @@ async def list_messages(request: web.Request) -> web.Response:
     store = request.app[STORE]
     limit = query_int(query, "limit", 20, 1, MAX_LIMIT)
     after = query.get("after")
-    if after is None:
-        rows = await store.list_sent(limit, query_int(query, "offset", 0, 0, MAX_OFFSET))
-    elif "offset" in query:
+    if after is not None and "offset" in query:
         raise invalid("offset", "cannot be combined with after")
-    else:
-        rows = await store.list_sent_after(*decode_cursor(after), limit)
-    headers = {"X-Total-Count": str(await store.sent_total())}
-    if len(rows) == limit:
-        headers["Link"] = next_link(limit, rows[-1])
-    return web.Response(body=orjson.dumps(rows, option=JSON_OPTIONS), headers=headers, content_type="application/json")
+    offset = query_int(query, "offset", 0, 0, MAX_OFFSET) if after is None else 0
+    cursor = decode_cursor(after) if after is not None else None
+    key = (limit, offset, after)
+    pages = request.app[PAGES]
+    page = pages.get(key, await store.sent_total())
+    if page is None:
+        page = await store.sent_page(limit, offset, cursor)
+        pages.put(key, page)
+    headers = {"X-Total-Count": str(page.total)}
+    if page.count == limit and page.last_key:
+        headers["Link"] = next_link(limit, page.last_key)
+    return web.Response(text=page.json, headers=headers, content_type="application/json")
 
 
 @docs(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import re
 from typing import Any
 
 import pytest
 
-from common.models import utcnow
 from common.settings import Settings
 from common.store import MessageStore
 from gateway.app import create_app
@@ -31,9 +29,8 @@ def next_url(resp: Any) -> str | None:
 
 
 async def seed_history(store: MessageStore, n: int) -> list[int]:
-    """``n`` messages sent over the past hour, in pairs sharing a ``sent_at`` (the id breaks the tie)."""
-    base = utcnow() - dt.timedelta(hours=1)
-    return await send(store, n, lambda i: base + dt.timedelta(seconds=i // 2))
+    """``n`` messages sent in pairs, each pair in one commit sharing a ``sent_at`` (the id breaks the tie)."""
+    return await send(store, n, per_commit=2)
 
 
 async def test_cursor_walk_while_messages_are_sent_sees_each_earlier_message_once(

@@ -4,6 +4,7 @@ import asyncio
 import datetime as dt
 
 import aiomysql
+import orjson
 
 from common.db import create_pool
 from common.models import Action, Outcome, decide, utcnow
@@ -117,30 +118,32 @@ async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageS
     assert ((await store.get(a))["remote_message_id"], (await store.get(c))["status"]) == ("rid-a", "failed")
 
 
-async def test_sent_list_offset_and_cursor_agree(store: MessageStore) -> None:
+async def test_sent_pages_by_offset_and_cursor_agree_and_sent_at_never_goes_back(store: MessageStore) -> None:
     ids = await seed(store, 30)
     await store.claim(30)
     await store.begin_sending(ids, lambda _i, s, won: decide(s, False, False, won))
-    base = utcnow()
-    # Two rows share a sent_at to exercise the id tie-break.
-    await store.record_outcomes(
-        [
-            Outcome(m, "sent", 1, base, base + dt.timedelta(seconds=i // 2), 202, remote_message_id=f"r{m}")
-            for i, m in enumerate(ids)
-        ]
-    )
-    full = await store.list_sent(100)
-    assert [r["id"] for r in full] == sorted(ids, key=lambda m: (ids.index(m) // 2, m), reverse=True)
-    walked, last = [], None
-    while True:
-        page = await store.list_sent(7) if last is None else await store.list_sent_after(last["sent_at"], last["id"], 7)
-        if not page:
-            break
-        walked.extend(page)
-        last = page[-1]
-    assert [r["id"] for r in walked] == [r["id"] for r in full]
-    assert [r["id"] for r in await store.list_sent(7, 14)] == [r["id"] for r in full[14:21]]
-    assert await store.sent_total() == 30
+    stamps = []
+    for group in (ids[:10], ids[10:11], ids[11:]):  # three group commits
+        now = utcnow()
+        stamps.append(
+            await store.record_outcomes(
+                [Outcome(m, "sent", 1, now, now, 202, remote_message_id=f"r{m}") for m in group]
+            )
+        )
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3, "each commit's sent_at is later than the last"
+    full = await store.sent_page(100)
+    rows = orjson.loads(full.json)
+    assert full.total == 30 and [r["id"] for r in rows] == ids[::-1], "newest sent_at first, then highest id"
+    assert rows[0]["sent_at"].endswith("Z") and rows[0]["remote_message_id"] == f"r{ids[-1]}"
+    walked: list[int] = []
+    page = await store.sent_page(7)
+    while page.count:
+        walked += [r["id"] for r in orjson.loads(page.json)]
+        key = page.last_key.split(":")
+        page = await store.sent_page(7, after=(int(key[0]), int(key[1])))
+    assert walked == ids[::-1]
+    assert [r["id"] for r in orjson.loads((await store.sent_page(7, 14)).json)] == ids[::-1][14:21]
+    assert (await store.sent_page(7, 30)).json == "[]"
 
 
 async def test_dispatch_switch_persists(store: MessageStore) -> None:
