@@ -1,6 +1,6 @@
 """Prometheus metrics of the consumer."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter("consumer_deliveries_total", "Deliveries by outcome", ["outcome"])
 WEBHOOK_ANSWERS = Counter("consumer_webhook_responses_total", "Webhook answers by HTTP status (or error)", ["status"])
@@ -16,3 +16,5 @@ BATCH_SIZE = Histogram(
     "consumer_commit_batch_size", "Outcomes per group commit", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
 )
 CACHE_ERRORS = Counter("consumer_cache_errors_total", "Redis writes that failed (entries kept for a retry)")
+INFLIGHT = Gauge("consumer_inflight_deliveries", "AMQP deliveries being handled right now")
+CACHE_BACKLOG = Gauge("consumer_cache_backlog", "Cache entries held back while Redis is down")

@@ -19,8 +19,9 @@ from common.settings import Settings, mask_url
 from common.store import MessageStore
 from gateway import dispatch, health, messages
 from gateway.errors import MAX_BODY_BYTES, error_middleware
-from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, REDIS, SETTINGS, STORE, AmqpLink
+from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, PAGES, REDIS, SETTINGS, STORE, AmqpLink
 from gateway.metrics import HttpMetrics, metrics_middleware
+from gateway.paging import PageCache
 from gateway.spec import setup_swagger
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[AMQP] = AmqpLink()
+    app[PAGES] = PageCache()
     app[API_TOKEN] = settings.api_token.reveal().encode()
     app.cleanup_ctx.extend([mysql_ctx, redis_ctx, amqp_ctx])
 
