@@ -121,8 +121,8 @@ class Settings:
     retry_base_seconds: float = 5.0
     claim_lease_seconds: float = 300.0
     delivery_guarantee: str = "at-most-once"
-    consumer_prefetch: int = 64
-    consumer_concurrency: int = 256
+    consumer_prefetch: int = 8
+    consumer_concurrency: int = 64
     shutdown_timeout_seconds: float = 30.0
     gateway_host: str = "0.0.0.0"
     gateway_port: int = 8080
