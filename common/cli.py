@@ -11,7 +11,7 @@ import sys
 from common.cache import MessageCache
 from common.db import create_pool
 from common.errors import SettingsError
-from common.logs import setup_logging
+from common.logs import secrets_of, setup_logging
 from common.migrations import migrate
 from common.settings import Settings
 from common.store import MessageStore
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"message-sender: {exc}")
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, secrets_of(settings))
     asyncio.run(args.run(settings, args))
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from common.errors import SettingsError
-from common.logs import setup_logging
+from common.logs import secrets_of, setup_logging
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def run_service(name: str, body: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:
     """Run ``body(settings, stop)`` until it returns; SIGTERM/SIGINT set ``stop`` (a second one kills)."""
     settings = load_settings(name)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, secrets_of(settings))
 
     async def main() -> None:
         stop = asyncio.Event()

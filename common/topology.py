@@ -56,7 +56,7 @@ class Topology:
         failed: list[int] = []
         for part, result in zip(chunks, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("publish of messages %s not confirmed: %r", part, result)
+                log.warning("publish of messages %s not confirmed: %r", part, result, extra={"message_ids": part})
                 failed.extend(part)
         return failed
 

@@ -10,7 +10,7 @@ import logging
 
 from aiohttp import web
 
-from common.logs import setup_logging
+from common.logs import secrets_of, setup_logging
 from common.service import load_settings, new_event_loop
 from gateway.app import create_app
 from gateway.spec import SWAGGER_UI
@@ -20,7 +20,7 @@ log = logging.getLogger("gateway")
 
 def main() -> None:
     settings = load_settings("gateway")  # a bad setting: one line "gateway: ..." and exit code 2
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, secrets_of(settings))
     shown = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::", "") else settings.gateway_host
     log.info(
         "gateway starting on %s:%d; Swagger UI at http://%s:%d%s; API token %s",

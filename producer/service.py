@@ -138,6 +138,7 @@ class Producer:
             failed = await self.topology.publish_ids(ids)
             if failed:
                 report.released = await self.store.release(failed)
+                metrics.RELEASED.inc(report.released)
             report.published = len(ids) - len(failed)
             metrics.PUBLISHED.inc(report.published)
         # Looking for stale claims scans every queued row: at a short interval with a deep backlog, doing it
@@ -149,7 +150,13 @@ class Producer:
         self.next_stale_check = now + max(s.send_interval_seconds, min(s.claim_lease_seconds / 4, 10.0))
         stale = await self.store.reclaim_stale(s.claim_lease_seconds, max(s.send_batch_size, 100))
         if stale:
-            log.warning("re-publishing %d claims older than %gs: %s", len(stale), s.claim_lease_seconds, stale[:20])
+            log.warning(
+                "re-publishing %d claims older than %gs: %s",
+                len(stale),
+                s.claim_lease_seconds,
+                stale[:20],
+                extra={"message_ids": stale},
+            )
             failed = await self.topology.publish_ids(stale)
             report.republished = len(stale) - len(failed)
             metrics.REPUBLISHED.inc(report.republished)
