@@ -11,8 +11,8 @@ the row ``sending``, and its redelivery is failed as "outcome unknown" instead o
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -168,7 +168,9 @@ class Consumer:
         if ids is None:
             await self._dead_letter(message, "malformed body", message.body[:200])
             return
-        results = await asyncio.gather(*(self._process(i, bool(message.redelivered)) for i in ids), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._process(i, bool(message.redelivered)) for i in ids), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
