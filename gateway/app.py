@@ -17,7 +17,7 @@ from common.db import pool_ctx
 from common.migrations import migrate
 from common.settings import Settings, mask_url
 from common.store import MessageStore
-from gateway import dispatch, health, messages
+from gateway import dashboard, dispatch, health, messages
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, PAGES, REDIS, SETTINGS, STORE, AmqpLink
 from gateway.metrics import HttpMetrics, metrics_middleware
@@ -86,5 +86,6 @@ def create_app(settings: Settings) -> web.Application:
     messages.add_routes(app)
     dispatch.add_routes(app)
     health.add_routes(app)
+    dashboard.add_routes(app)
     setup_swagger(app)
     return app

@@ -507,6 +507,8 @@ async def test_spec_documents_every_endpoint_once_with_examples_and_security(cli
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/stats"),
+        ("GET", "/stats/timeline"),
+        ("GET", "/stats/failed"),
         ("GET", "/metrics"),
     }, "each documented once (no HEAD twins), none missing"
     protected = {
