@@ -223,8 +223,8 @@ class Supervisor:
         hook = s.webhook_url
         if standin:
             hook += f" (local stand-in; what it got: http://{address(*standin)}/_control/received)"
-        for line in (f"API          {base}/messages", f"Swagger      {base}/swagger/index.html",
-                     f"RabbitMQ UI  {ui}", f"webhook      {hook}",
+        for line in (f"Dashboard    {base}/", f"API          {base}/messages",
+                     f"Swagger      {base}/swagger/index.html", f"RabbitMQ UI  {ui}", f"webhook      {hook}",
                      "ready: `make demo` inserts sample messages; Ctrl-C stops everything"):  # fmt: skip
             say("run", line)
 
