@@ -1,0 +1,166 @@
+"""``python -m bench``: run the phases, clean up, print the table and the JSON line (the very last line).
+
+Exit code 0 when every phase ran, the pipeline run is not void and the API served the right rows (bars
+failed or not), 1 otherwise, 2 for a bad ``BENCH_*`` setting. Progress goes to stderr; service logs and
+the JSON line to ``bench/results/<run>/`` (git-ignored; the last 10 runs are kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from typing import Any
+
+from bench import loaddata
+from bench.api import pick_client, run_api
+from bench.config import Config, ConfigError
+from bench.httplimit import http_limit
+from bench.pipeline import run_pipeline
+from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
+from bench.report import summary, table
+from bench.sandbox import Sandbox
+from common.errors import SettingsError
+from common.settings import Settings
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+        with open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+    except OSError:
+        mem_kb = 0
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "mem_gib": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+    }
+
+
+async def start_gateway(procs: Procs, env: dict[str, str]) -> tuple[Proc, str]:
+    port = free_port()
+    gateway = procs.service("gateway", "gateway", {**env, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port)})
+    base = f"http://127.0.0.1:{port}"
+    await wait_healthy(gateway, base + "/healthz")
+    return gateway, base
+
+
+async def run(cfg: Config, base: Settings) -> dict[str, Any]:
+    r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
+    sandbox = Sandbox(base)
+    r["run"] = sandbox.name
+    procs = Procs(ROOT / "bench" / "results" / sandbox.name)
+    services: dict[str, Proc] = {}
+    started = time.monotonic()
+    r["loadavg_start"] = os.getloadavg()[0]
+    try:
+        pool = await sandbox.open()
+        r["versions"] = await sandbox.server_versions()
+        say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
+        if cfg.runs("limit"):
+            try:
+                say(f"raw HTTP limit: {cfg.http_n} POSTs at concurrency {cfg.http_conc} ...")
+                r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
+            except Exception as exc:
+                r["errors"]["limit"] = _error(exc)
+        env = sandbox.service_env()
+        base_url = None
+        if cfg.runs("api"):
+            try:
+                services["gateway"], base_url = await start_gateway(procs, env)
+            except Exception as exc:
+                r["errors"]["api"] = f"gateway did not start: {_error(exc)}"
+        if cfg.runs("pipeline"):
+            try:
+                r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
+                r["rss_idle"].update(pipe["rss_idle"])
+                r["rss_load"].update(pipe["rss_load"])
+            except Exception as exc:
+                r["errors"]["pipeline"] = _error(exc)
+        if cfg.runs("api") and base_url is not None:
+            try:
+                gateway = services["gateway"]
+                r["rss_idle"].setdefault("gateway", gateway.rss_mb())
+                say(f"API: bulk-loading {cfg.rows:,} sent rows ...")
+                t = time.monotonic()
+                await loaddata.load_sent(pool, cfg.rows)
+                loaded = time.monotonic() - t
+                say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
+                r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
+                r["api"]["load_seconds"] = loaded
+                r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
+            except Exception as exc:
+                r["errors"]["api"] = _error(exc)
+    except Exception as exc:  # the sandbox could not be set up: report it like a phase error
+        r["errors"]["setup"] = _error(exc)
+    finally:
+        procs.stop_all()
+        problems = await sandbox.close()
+        if problems:
+            r["errors"]["cleanup"] = "; ".join(problems)
+        r["seconds"] = time.monotonic() - started
+    return r
+
+
+def _keep(run: str, line: str, keep: int = 10) -> None:
+    """Save the JSON line beside the run's logs and as ``latest.json``; prune all but the last ``keep`` runs."""
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "latest.json").write_text(line + "\n")
+    if (results / run).is_dir():
+        (results / run / "result.json").write_text(line + "\n")
+    runs = sorted((d for d in results.glob("ms_bench_*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    for old in runs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _error(exc: BaseException) -> str:
+    say("".join(traceback.format_exception(exc)).rstrip())
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def main() -> int:
+    try:
+        cfg = Config.from_env()
+        base = Settings.from_env()
+    except (ConfigError, SettingsError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    r = asyncio.run(run(cfg, base))
+    s = summary(r)
+    m = machine()
+    versions = r.get("versions", {})
+    print()
+    print(
+        f"machine: {m['nproc']} cores, {m['cpu']}, {m['mem_gib']} GiB; MySQL {versions.get('mysql', '?')};"
+        f" RabbitMQ {versions.get('rabbitmq', '?')}; Python {m['python']};"
+        f" load average at start {r['loadavg_start']:.2f} (other work on the machine skews every figure)"
+    )
+    settings = {k: v for k, v in r["config"].items() if k != "skip"}
+    settings["client"] = s["client"] or "-"
+    print("settings: " + " ".join(f"{k}={'service default' if v is None else v}" for k, v in settings.items()))
+    print(f"run time: {r['seconds']:.0f} s\n")
+    print(table(r, s))
+    extra = {"machine": m, "versions": versions, "loadavg_start": round(r["loadavg_start"], 2), "run": r["run"]}
+    line = json.dumps({**s, **extra}, separators=(",", ":"))
+    _keep(r["run"], line)
+    print(line)
+    return 1 if s["void"] or r["errors"] or s["pages_ok"] is False else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

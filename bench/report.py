@@ -1,0 +1,163 @@
+"""The output: an aligned table (metric, value, bar, verdict), the CPU breakdown, and the JSON summary line."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bench.config import (
+    BAR_IDLE_RSS_MB,
+    BAR_LIST_P99_MS,
+    BAR_LIST_RPS,
+    BAR_OFFSET_P99_MS,
+    BAR_RATIO,
+    BAR_THROUGHPUT,
+)
+
+Row = tuple[str, str, str, str, str]
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _verdict(ok: bool | None, void: bool = False) -> str:
+    if ok is None:
+        return "-"
+    if void:
+        return "VOID"
+    return "PASS" if ok else "FAIL"
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line: the keys of the issue first, then the context."""
+    pipe, api, limit = r.get("pipeline") or {}, r.get("api") or {}, r.get("limit") or {}
+    services = set(r.get("rss_idle", {})) - {"standin"}
+    idle = [v for k, v in r.get("rss_idle", {}).items() if k in services and v is not None]
+    load = [v for k, v in r.get("rss_load", {}).items() if k in services and v is not None]
+    rate, thr = limit.get("rate"), pipe.get("throughput_msgs_per_s")
+    page = {k: api.get(k) or {} for k in ("first", "deep_cursor", "deep_offset")}
+    return {
+        "throughput_msgs_per_s": _round(thr),
+        "http_limit_per_s": _round(rate),
+        "ratio": _round(thr / rate if thr is not None and rate else None, 3),
+        "messages": pipe.get("messages"),
+        "sent": pipe.get("sent"),
+        "failed": pipe.get("failed"),
+        "missing": pipe.get("missing"),
+        "duplicates": pipe.get("duplicates"),
+        "latency_p50_ms": _round(pipe.get("latency_p50_ms"), 1),
+        "latency_p99_ms": _round(pipe.get("latency_p99_ms"), 1),
+        "list_rps_first": _round(page["first"].get("rps")),
+        "list_p99_ms_first": _round(page["first"].get("p99_ms"), 2),
+        "list_rps_deep_cursor": _round(page["deep_cursor"].get("rps")),
+        "list_p99_ms_deep_cursor": _round(page["deep_cursor"].get("p99_ms"), 2),
+        "list_p99_ms_deep_offset": _round(page["deep_offset"].get("p99_ms"), 2),
+        "rss_idle_mb_max": _round(max(idle), 1) if idle else None,
+        "rss_load_mb_max": _round(max(load), 1) if load else None,
+        "void": bool(pipe.get("void")),
+        "void_reasons": pipe.get("void") or [],
+        "unclaimed": pipe.get("unclaimed"),
+        "claim_rate_per_s": _round(pipe.get("claim_rate_per_s")),
+        "list_rps_deep_offset": _round(page["deep_offset"].get("rps")),
+        "total_count_ok": api.get("total_count_ok"),
+        "pages_ok": api.get("pages_ok"),
+        "client": api.get("client"),
+        "rows": r["config"]["rows"] if "api" in r else None,
+        **{k: v for k, v in r["config"].items() if k not in ("messages", "rows")},
+        "rss_idle_mb": {k: _round(v, 1) for k, v in r.get("rss_idle", {}).items()},
+        "rss_load_mb": {k: _round(v, 1) for k, v in r.get("rss_load", {}).items()},
+        "cpu_percent": {k: _round(v) for k, v in pipe.get("cpu_percent", {}).items()},
+        "errors": r.get("errors", {}),
+        "bench_seconds": _round(r.get("seconds")),
+    }
+
+
+def _round(value: float | None, digits: int = 0) -> float | int | None:
+    if value is None:
+        return None
+    return round(value) if digits == 0 else round(value, digits)
+
+
+def thr_of(pipe: dict[str, Any]) -> float:
+    return float(pipe.get("throughput_msgs_per_s") or 0.0)
+
+
+def table(r: dict[str, Any], s: dict[str, Any]) -> str:
+    rows: list[Row] = [("phase", "metric", "value", "bar", "verdict")]
+    pipe, api, limit = r.get("pipeline"), r.get("api"), r.get("limit")
+    void = bool(s["void"])
+    if limit:
+        rows.append(("limit", "raw HTTP POST, aiohttp -> stand-in", f"{_n(limit['rate'])}/s", "", ""))
+    if pipe:
+        thr, ratio = s["throughput_msgs_per_s"], s["ratio"]
+        rows += [
+            ("pipeline", "throughput, first claim -> last sent", f"{_n(thr)} msg/s", f">= {BAR_THROUGHPUT:,.0f}",
+             _verdict(thr >= BAR_THROUGHPUT, void)),
+            ("pipeline", "ratio to raw HTTP POST", _n(ratio, 3), f">= {BAR_RATIO}",
+             _verdict(None if ratio is None else ratio >= BAR_RATIO, void)),
+            ("pipeline", "claimed = sent + failed + missing",
+             f"{pipe['claimed']:,} = {pipe['sent']:,} + {pipe['failed']:,} + {pipe['missing']:,}",
+             "missing 0", _verdict(pipe["missing"] == 0 and pipe["unclaimed"] == 0)),
+            ("pipeline", "duplicates at the stand-in", f"{pipe['duplicates']:,}", "0",
+             _verdict(pipe["duplicates"] == 0)),
+            ("pipeline", "latency claim -> sent p50 / p99",
+             f"{_n(pipe['latency_p50_ms'], 1)} / {_n(pipe['latency_p99_ms'], 1)} ms", "", ""),
+            ("pipeline", "claim rate (producer) / wall time",
+             f"{_n(pipe['claim_rate_per_s'])}/s / {pipe['wall_s']:.1f} s", "", ""),
+        ]  # fmt: skip
+    if api:
+        n = r["config"]["clients"]
+        for key, label in (("first", "first page"), ("deep_cursor", "deep cursor page")):
+            res = api[key]
+            ok = res["errors"] == 0 and res["p99_ms"] is not None
+            rows.append(("api", f"{label}, {n} clients, req/s", _n(res["rps"]), f">= {BAR_LIST_RPS:,.0f}",
+                         _verdict(ok and res["rps"] >= BAR_LIST_RPS)))  # fmt: skip
+            rows.append(("api", f"{label} p50 / p99", f"{_n(res['p50_ms'], 2)} / {_n(res['p99_ms'], 2)} ms",
+                         f"p99 < {BAR_LIST_P99_MS:g}", _verdict(ok and res["p99_ms"] < BAR_LIST_P99_MS)))  # fmt: skip
+            if res["errors"]:
+                rows.append(("api", f"{label} errors/timeouts", _n(res["errors"]), "0", "FAIL"))
+        off = api["deep_offset"]
+        ok = off["errors"] == 0 and off["p99_ms"] is not None
+        rows.append(("api", "offset=rows/2, 1 client, p50 / p99", f"{_n(off['p50_ms'], 1)} / {_n(off['p99_ms'], 1)} ms",
+                     f"p99 < {BAR_OFFSET_P99_MS:g}", _verdict(ok and off["p99_ms"] < BAR_OFFSET_P99_MS)))  # fmt: skip
+        rows.append(("api", "page contents (first, offset, cursor)", "as loaded" if api["pages_ok"] else "WRONG ROWS",
+                     "exact", _verdict(bool(api["pages_ok"]))))  # fmt: skip
+        rows.append(("api", "X-Total-Count of the first page", f"{api['total_count']}", f"= {r['config']['rows']:,}",
+                     _verdict(bool(api["total_count_ok"]))))  # fmt: skip
+    idle, load = r.get("rss_idle", {}), r.get("rss_load", {})
+    for name in sorted(set(idle) | set(load)):
+        bar = "" if name == "standin" else f"idle < {BAR_IDLE_RSS_MB:g}"
+        ok = None if name == "standin" or idle.get(name) is None else idle[name] < BAR_IDLE_RSS_MB
+        rows.append(("memory", f"{name} RSS idle / load", f"{_n(idle.get(name), 1)} / {_n(load.get(name), 1)} MB",
+                     bar, _verdict(ok)))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if pipe and pipe["claim_rate_per_s"] and thr_of(pipe) and pipe["claim_rate_per_s"] > 1.1 * thr_of(pipe):
+        lines.append(
+            "note: the producer claimed faster than the consumers delivered, so claim -> sent latency is mostly"
+            " queue wait; a BENCH_BATCH/BENCH_INTERVAL near the throughput shows the latency without a backlog"
+        )
+    if void:
+        lines.append(f"PIPELINE RUN VOID: {'; '.join(s['void_reasons'])}")
+    if pipe and pipe.get("cpu_percent"):
+        cpu = dict(pipe["cpu_percent"])
+        whole = cpu.pop("machine", None)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+        lines.append(f"CPU during the drain, % of one core (machine total {_n(whole)}): {parts}")
+    for key in ("first", "deep_cursor", "deep_offset"):
+        cpu = ((api or {}).get(key) or {}).get("cpu_percent")
+        if cpu:
+            lines.append(f"CPU during {key}, % of one core: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    for phase, error in r.get("errors", {}).items():
+        lines.append(f"ERROR in {phase}: {error}")
+    return "\n".join(lines)
