@@ -11,7 +11,10 @@ requests, through the environment at start (``STANDIN_DELAY_MS``, ``STANDIN_FAIL
   ``retry_after`` (seconds, sent with failures), ``timeout_rate`` (hold the request for ``hang_seconds``),
   ``no_message_id_rate`` (202 without ``messageId``), ``garbage_rate`` (202 with a non-JSON body),
   ``script`` (a list of answers served first, in order, e.g. ``[{"status": 500}, {"status": 202}]``;
-  an answer may carry ``delay_ms``, ``retry_after``, ``body``, ``hang``).
+  an answer may carry ``delay_ms``, ``retry_after``, ``body``, ``hang``, ``reset`` (drop the connection
+  with a TCP reset instead of answering), ``location`` (a ``Location`` header, for redirects),
+  ``huge`` (a body of that many bytes)), ``mix`` (a list of ``[weight, answer]`` pairs: when no script
+  is left, each request draws one of these answers at random instead of the rates above).
 - ``GET /_control/received`` (``?keys=1`` for just the Idempotency-Keys), ``GET /_control/stats``,
   ``POST /_control/reset``, ``GET /_control/health``.
 """
@@ -23,6 +26,8 @@ import asyncio
 import collections
 import os
 import random
+import socket
+import struct
 import time
 import uuid
 from typing import Any
@@ -41,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "no_message_id_rate": 0.0,
     "garbage_rate": 0.0,
     "auth_key": "",
+    "mix": None,
 }
 
 
@@ -87,11 +93,18 @@ class StandIn:
             await asyncio.sleep(answer["delay_ms"] / 1000)
         if answer.get("hang"):
             await asyncio.sleep(b["hang_seconds"])
+        if answer.get("reset"):
+            record["status"] = "reset"
+            return self._reset(request)
         record["status"] = status
         self.answered[status] += 1
         headers = {}
         if answer.get("retry_after") is not None:
             headers["Retry-After"] = str(answer["retry_after"])
+        if answer.get("location"):
+            headers["Location"] = str(answer["location"])
+        if answer.get("huge"):
+            return await self._huge(request, status, headers, int(answer["huge"]), message_id)
         if "body" in answer:
             body = answer["body"]
             data = body.encode() if isinstance(body, str) else orjson.dumps(body)
@@ -102,8 +115,43 @@ class StandIn:
             body=orjson.dumps({"message": "Error"}), status=status, headers=headers, content_type="application/json"
         )
 
+    @staticmethod
+    def _reset(request: web.Request) -> web.Response:
+        """Drop the connection with a TCP RST (SO_LINGER 0), as a crashing or hostile server would."""
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return web.Response(status=500)  # never reaches the client
+
+    @staticmethod
+    async def _huge(
+        request: web.Request, status: int, headers: dict[str, str], size: int, message_id: str
+    ) -> web.StreamResponse:
+        """A body of ``size`` bytes, streamed: valid JSON at the start, then padding that never ends it."""
+        resp = web.StreamResponse(status=status, headers={**headers, "Content-Type": "application/json"})
+        resp.content_length = size
+        head = orjson.dumps({"message": "Accepted", "messageId": message_id})[:-1] + b', "padding": "'
+        chunk = b"x" * 65536
+        try:
+            await resp.prepare(request)
+            await resp.write(head[:size])
+            left = size - min(size, len(head))
+            while left > 0:
+                await resp.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client read what it wanted and hung up
+        return resp
+
     def _draw(self) -> dict[str, Any]:
         b = self.behaviour
+        if b["mix"]:
+            weights = [float(w) for w, _ in b["mix"]]
+            return dict(random.choices([a for _, a in b["mix"]], weights)[0])
         answer: dict[str, Any] = {}
         if b["delay_ms"] and random.random() < b["delay_rate"]:
             answer["delay_ms"] = b["delay_ms"]
