@@ -134,6 +134,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str]
     root.setLevel(level)
     for noisy in ("aiormq", "aio_pika", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The AMQP client logs every lost connection with a traceback and retries with ERROR lines every
+    # few seconds; common.topology logs the outage once (lost, then reconnected) instead.
+    for amqp in ("aiormq", "aio_pika"):
+        logging.getLogger(amqp).setLevel(logging.CRITICAL)
     logging.captureWarnings(True)
 
     def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -60,7 +60,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 error VARCHAR(1000) NULL,
                 duration_ms INT UNSIGNED NOT NULL,
                 PRIMARY KEY (id),
-                KEY ix_attempts_message (message_id, id)
+                KEY ix_attempts_message (message_id, id),
+                UNIQUE KEY ux_attempts_once (message_id, started_at)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
             """,
             """

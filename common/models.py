@@ -26,19 +26,33 @@ class Action(enum.Enum):
 
     SEND = "send"  # it won the queued -> sending compare-and-set (or resends under at-least-once)
     DROP = "drop"  # a duplicate: someone else has it or it is already finished
+    WAIT = "wait"  # redelivered while its first delivery may still be in flight: look again later
     FAIL_UNKNOWN = "fail_unknown"  # its consumer died mid-request: the outcome is unknown (at-most-once)
 
 
 OUTCOME_UNKNOWN = "outcome unknown: the consumer stopped while the request was in flight; not resent (at-most-once)"
 
 
-def decide(status: str | None, redelivered: bool, at_least_once: bool, won: bool = False) -> Action:
-    """The never-twice rule: only the delivery that won the ``queued -> sending`` compare-and-set sends;
-    a ``sending`` row seen again on a broker redelivery belonged to a consumer that died mid-request,
-    so it is failed (at-most-once) or resent (at-least-once). Anything else is a duplicate: dropped."""
+def decide(
+    status: str | None,
+    redelivered: bool,
+    at_least_once: bool,
+    won: bool = False,
+    sending_for: float = 0.0,
+    lease: float = 0.0,
+) -> Action:
+    """The never-twice rule: only the delivery that won the ``queued -> sending`` compare-and-set sends.
+
+    A ``sending`` row seen again on a broker redelivery may belong to a consumer that died mid-request,
+    or to one that only lost its channel and is still waiting for the answer. Within ``lease`` seconds of
+    the row going ``sending`` (longer than any request may take) the redelivery waits; after it, the
+    first delivery is known to be over with no outcome recorded: failed (at-most-once) or resent
+    (at-least-once). Anything else is a duplicate and is dropped."""
     if won:
         return Action.SEND
     if status == Status.SENDING and redelivered:
+        if sending_for < lease:
+            return Action.WAIT
         return Action.SEND if at_least_once else Action.FAIL_UNKNOWN
     return Action.DROP
 
@@ -70,6 +84,8 @@ class Delivery:
     content: str
     status: str
     attempts: int
+    token: int | None = None  # the delivery token of the compare-and-set that moved it to sending
+    sending_for: float = 0.0  # seconds since the row last changed (for a sending row: since it went sending)
 
 
 @dataclass(frozen=True, slots=True)

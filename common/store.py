@@ -7,9 +7,9 @@ that duplicate deliveries and racing replicas can never move a row twice.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import aiomysql
 import orjson
 
 from common.errors import ConflictError, NotFoundError
-from common.models import Action, Delivery, Outcome, Status
+from common.models import Delivery, Outcome, Status
 
 MESSAGE_COLUMNS = "id, recipient, content, status, remote_message_id, attempts, created_at, sent_at"
 DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, updated_at"
@@ -220,7 +220,8 @@ class MessageStore:
                 await conn.commit()
                 return ids
             except BaseException:
-                await conn.rollback()
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
+                    await conn.rollback()
                 raise
 
     async def release(self, ids: Sequence[int]) -> int:
@@ -256,42 +257,40 @@ class MessageStore:
                 await conn.commit()
                 return ids
             except BaseException:
-                await conn.rollback()
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
+                    await conn.rollback()
                 raise
 
     # --- the consumer's side --------------------------------------------------------------------
 
-    async def begin_sending(
-        self, ids: Sequence[int], decide: Callable[[int, str | None, bool], Action]
-    ) -> list[tuple[int, Action, Delivery | None]]:
-        """The ``queued -> sending`` compare-and-set for a batch of deliveries, in one round trip.
+    async def begin_sending(self, claims: Sequence[tuple[int, int]]) -> dict[int, Delivery]:
+        """The ``queued -> sending`` compare-and-set for a batch of ``(id, token)`` claims, in one round trip.
 
-        One ``UPDATE`` moves every still-``queued`` row of the batch to ``sending`` and stamps it with a
-        fresh random token; the ``SELECT`` that follows (same round trip) reads the rows back, and a row
-        carrying this call's token was won by this call, whatever other consumers did meanwhile.
-        ``decide(id, status, won)`` then says what to do with each (unknown ids: status None)."""
-        if not ids:
-            return []
-        unique = sorted(set(ids))
-        token = secrets.randbits(63)
-        marks = _in(unique)
+        One ``UPDATE`` moves every still-``queued`` row to ``sending`` stamped with its claim's token (each
+        delivery draws its own and keeps it across retries); the ``SELECT`` of the same round trip reads
+        the rows back: a delivery won its row if the row carries its token, whatever else happened, even
+        if this statement's answer was lost and it is run again. Unknown ids are missing from the result."""
+        if not claims:
+            return {}
+        ids = sorted({i for i, _ in claims})
+        table, values = _values_table(list(claims), ("id", "tok"))
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"UPDATE messages SET status = 'sending', delivery_token = %s"
-                f" WHERE status = 'queued' AND id IN ({marks});"
-                f" SELECT id, recipient, content, status, attempts, delivery_token FROM messages WHERE id IN ({marks})",
-                [token, *unique, *unique],
+                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                " SET m.status = 'sending', m.delivery_token = v.tok WHERE m.status = 'queued';"
+                " SELECT id, recipient, content, status, attempts, delivery_token,"
+                " TIMESTAMPDIFF(MICROSECOND, updated_at, UTC_TIMESTAMP(6))"
+                f" FROM messages WHERE id IN ({_in(ids)})",
+                [*values, *ids],
             )
             await cur.nextset()
             found = await cur.fetchall()
             while await cur.nextset():
                 pass
-        rows = {int(r[0]): (Delivery(int(r[0]), r[1], r[2], r[3], int(r[4])), r[5] == token) for r in found}
-        result: list[tuple[int, Action, Delivery | None]] = []
-        for message_id in unique:
-            row, won = rows.get(message_id, (None, False))
-            result.append((message_id, decide(message_id, row.status if row else None, won), row))
-        return result
+        return {
+            int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4]), r[5], max(0.0, (r[6] or 0) / 1e6))
+            for r in found
+        }
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dt.datetime | None:
         """Write a batch of delivery outcomes as one transaction (the group commit): the row updates (only
@@ -349,7 +348,8 @@ class MessageStore:
                 while await cur.nextset():
                     pass
             except BaseException:
-                await conn.rollback()
+                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
+                    await conn.rollback()
                 raise
         return sent_at
 
@@ -378,6 +378,8 @@ class MessageStore:
             "INSERT INTO message_attempts"
             " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms) VALUES "
             + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
+            # A commit whose answer was lost runs again: its attempts are already there.
+            + " ON DUPLICATE KEY UPDATE id = id"
         )
         for o in outcomes:
             args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]

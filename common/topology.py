@@ -99,20 +99,33 @@ async def declare(channel: AbstractChannel) -> Topology:
     return Topology(channel, dispatch, dead_letter, dispatch_queue, dead_letter_queue)
 
 
-async def connect(url: str, attempts_log_every: int = 1) -> aio_pika.abc.AbstractRobustConnection:
-    """A robust connection (it reconnects by itself), retried with backoff until RabbitMQ answers."""
+async def connect(url: str) -> aio_pika.abc.AbstractRobustConnection:
+    """A robust connection (it reconnects by itself), retried with backoff until RabbitMQ answers.
+    A lost connection is logged once, with the retry plan, and its return once."""
     from common.settings import mask_url
 
     delay = 0.5
     while True:
         try:
             conn = await aio_pika.connect_robust(url)
-            log.info("connected to %s", mask_url(url))
-            return conn
+            break
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
             log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", mask_url(url), exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+    log.info("connected to %s", mask_url(url))
+
+    def lost(*args: object) -> None:
+        exc = next((a for a in args if isinstance(a, BaseException)), None)
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.warning("RabbitMQ connection lost (%r); reconnecting every %ss", exc, conn.reconnect_interval)
+
+    def back(*_: object) -> None:
+        log.info("RabbitMQ reconnected")
+
+    conn.close_callbacks.add(lost)
+    conn.reconnect_callbacks.add(back)
+    return conn
 
 
 async def open_channel(conn: aio_pika.abc.AbstractRobustConnection, prefetch: int = 0) -> Topology:

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -44,7 +45,10 @@ T = TypeVar("T")
 # Errors after which the same database work is simply tried again (outage, deadlock, lock timeout).
 TRANSIENT_DB = (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError, asyncio.TimeoutError)
 
-Start = tuple[int, bool]  # (message id, redelivered)
+Start = tuple[int, bool, int]  # (message id, redelivered, the delivery's token)
+# How long after a row went ``sending`` its first delivery may still be in flight, beyond the request
+# timeout: a redelivery waits that long before it decides the first one is over.
+SENDING_LEASE_MARGIN = 5.0
 Started = tuple[Action | None, Delivery | None]  # action None: unknown id (poison)
 
 
@@ -76,6 +80,9 @@ class Consumer:
         self.inflight: set[asyncio.Task[None]] = set()
         self.cache_backlog: list[tuple[str, int, dt.datetime]] = []
         self.ready = False
+        self.db_down = False
+        self.redis_down = False
+        self.sending_lease = settings.webhook_timeout_seconds + SENDING_LEASE_MARGIN
         metrics.INFLIGHT.set_function(lambda: len(self.inflight))
         metrics.CACHE_BACKLOG.set_function(lambda: len(self.cache_backlog))
 
@@ -184,7 +191,21 @@ class Consumer:
 
     async def _process(self, message_id: int, redelivered: bool) -> bool:
         """Take one id through compare-and-set, delivery and outcome commit; False if the id is unknown."""
-        action, row = await self._persist(lambda: self.starts.submit((message_id, redelivered)), "compare-and-set")
+        token = secrets.randbits(63)  # kept across retries: a lost answer cannot hide a won row
+        while True:
+            action, row = await self._persist(
+                lambda: self.starts.submit((message_id, redelivered, token)), "compare-and-set"
+            )
+            if action is not Action.WAIT or row is None:
+                break
+            wait = max(0.5, self.sending_lease - row.sending_for)
+            log.info(
+                "message %d redelivered while it may still be in flight; looking again in %.1fs",
+                message_id,
+                wait,
+                extra={"message_id": message_id},
+            )
+            await asyncio.sleep(wait)
         if action is None or row is None:
             return False
         if action is Action.DROP:
@@ -202,40 +223,35 @@ class Consumer:
         return True
 
     async def _persist(self, work: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run database work until it succeeds: an outage is logged once, with the retry plan."""
-        delay, failing = 0.2, False
+        """Run database work until it succeeds. An outage is logged once for the whole consumer (not
+        once per delivery waiting on it), with the retry plan, and once when MySQL answers again."""
+        delay = 0.2
         while True:
             try:
                 result = await work()
             except TRANSIENT_DB as exc:
-                if not failing:
-                    log.warning("%s failed (%s); retrying every <=10s until MySQL answers", what, exc)
-                    failing = True
+                if not self.db_down:
+                    self.db_down = True
+                    log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=10s", what, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if failing:
-                log.info("%s succeeded again", what)
+            if self.db_down:
+                self.db_down = False
+                log.info("MySQL answers again; deliveries go on")
             return result
 
     async def _flush_starts(self, items: Sequence[Start]) -> list[Started]:
-        redelivered: dict[int, bool] = {}
-        for message_id, again in items:
-            redelivered[message_id] = redelivered.get(message_id, False) or again
+        rows = await self.store.begin_sending([(message_id, token) for message_id, _, token in items])
         at_least_once = self.settings.is_at_least_once
-        decided = await self.store.begin_sending(
-            list(redelivered), lambda i, status, won: decide(status, redelivered[i], at_least_once, won)
-        )
-        by_id = {i: (action if row is not None else None, row) for i, action, row in decided}
         out: list[Started] = []
-        seen: set[int] = set()
-        for message_id, _ in items:
-            action, row = by_id[message_id]
-            # The same id twice in one batch: only the first delivery may act on the decision.
-            if message_id in seen and action is not None:
-                action = Action.DROP
-            seen.add(message_id)
-            out.append((action, row))
+        for message_id, redelivered, token in items:
+            row = rows.get(message_id)
+            if row is None:
+                out.append((None, None))
+                continue
+            won = row.token == token
+            out.append((decide(row.status, redelivered, at_least_once, won, row.sending_for, self.sending_lease), row))
         return out
 
     async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[None]:
@@ -269,24 +285,26 @@ class Consumer:
         """Write cache entries in one pipeline. While Redis is down they are held back (deliveries go on,
         MySQL has every outcome) and written by the background flusher once it is back; past
         ``CACHE_BACKLOG_MAX`` the oldest are dropped with an error naming ``message-sender cache-backfill``,
-        which rewrites the whole cache from MySQL."""
+        which rewrites the whole cache from MySQL. The backlog is only ever taken or extended, never
+        replaced after an await, so entries added by concurrent commits meanwhile are kept."""
         if self.cache_backlog and not retry:
             self._hold_back(entries)
             return
-        pending = self.cache_backlog + entries
+        pending, self.cache_backlog = self.cache_backlog + entries, []
         if not pending:
             return
         try:
             await self.cache.put_many(pending)
         except (redis.RedisError, OSError) as exc:
-            if not self.cache_backlog:
+            if not self.redis_down:
                 log.warning("Redis unavailable (%s); holding cache entries back, retrying every second", exc)
-            self.cache_backlog = []
-            self._hold_back(pending)
+            self.redis_down = True
+            held, self.cache_backlog = self.cache_backlog, []
+            self._hold_back(pending + held)
             return
-        if self.cache_backlog:
-            log.info("Redis is back; wrote %d held-back cache entries", len(self.cache_backlog))
-        self.cache_backlog = []
+        if self.redis_down:
+            self.redis_down = False
+            log.info("Redis is back; wrote %d held-back cache entries", len(pending))
 
     def _hold_back(self, entries: list[tuple[str, int, dt.datetime]]) -> None:
         metrics.CACHE_ERRORS.inc(len(entries))

@@ -277,7 +277,6 @@ async def test_03_leader_killed_the_rate_stays_one_batch_per_tick(
 
 
 @pytest.mark.timeout(2 * ALONE_WAIT + 300)
-@pytest.mark.xfail(raises=KnownBug, strict=True, reason="BUG: aiormq logs a traceback when the broker goes away")
 async def test_04_rabbitmq_restarted_under_load(
     size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
 ) -> None:
@@ -314,12 +313,6 @@ async def test_04_rabbitmq_restarted_under_load(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("guarantee", GUARANTEES)
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=True,
-    reason="BUG: a redelivery that comes while the first delivery is still in flight is taken for a dead"
-    " consumer's (at-most-once: failed though it was sent; at-least-once: sent twice)",
-)
 async def test_04_consumer_connection_dropped_mid_request(
     size: str, guarantee: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
 ) -> None:
@@ -351,11 +344,6 @@ async def test_04_consumer_connection_dropped_mid_request(
 
 
 @pytest.mark.timeout(2 * ALONE_WAIT + 300)
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=True,
-    reason="BUG: the consumer logs a MySQL outage once per delivery in flight, not once",
-)
 async def test_05_mariadb_restarted_under_load(
     size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
 ) -> None:
@@ -391,7 +379,7 @@ async def test_05_mariadb_restarted_under_load(
 
 
 LOST_ANSWER = {  # the statement whose answer is lost -> what the consumer must still get right
-    "compare-and-set": b"SET status = 'sending'",
+    "compare-and-set": b"SET m.status = 'sending'",
     "outcome commit": b";\nCOMMIT",  # the end of a group commit (not SET AUTOCOMMIT)
 }
 
@@ -402,20 +390,9 @@ LOST_ANSWER = {  # the statement whose answer is lost -> what the consumer must 
     [
         pytest.param(
             "compare-and-set",
-            marks=pytest.mark.xfail(
-                raises=KnownBug,
-                strict=True,
-                reason="BUG: a compare-and-set retried after its answer was lost drops the messages it had won:"
-                " they stay 'sending' for good",
-            ),
         ),
         pytest.param(
             "outcome commit",
-            marks=pytest.mark.xfail(
-                raises=KnownBug,
-                strict=True,
-                reason="BUG: an outcome commit retried after its answer was lost records every attempt twice",
-            ),
         ),
     ],
 )
@@ -439,7 +416,7 @@ async def test_05_connection_lost_right_after_a_statement_ran(
             stuck = await ids_with_status(settings, "sending")
             known_bug(not stuck, f"{len(stuck)} rows stuck in 'sending' for good, never sent: {sorted(stuck)[:10]}")
             raise
-        await wait_for(lambda: log_has(consumer, f"{cut} succeeded again"), 20, "the consumer to retry")
+        await wait_for(lambda: log_has(consumer, "MySQL answers again"), 20, "the consumer to retry")
         twice = await query(
             settings, "SELECT message_id, COUNT(*) FROM message_attempts GROUP BY message_id HAVING COUNT(*) > 1"
         )
@@ -453,11 +430,6 @@ async def test_05_connection_lost_right_after_a_statement_ran(
 
 
 @pytest.mark.timeout(2 * ALONE_WAIT + 300)
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=False,  # the race of the test below, which only sometimes strikes here
-    reason="BUG: held-back cache entries are sometimes dropped by concurrent writers (see the next test)",
-)
 async def test_06_redis_down_sending_goes_on_and_the_cache_catches_up(
     size: str,
     store: MessageStore,
@@ -523,12 +495,6 @@ async def test_06_redis_down_sending_goes_on_and_the_cache_catches_up(
     assert logged(consumer, "Redis is back; wrote")
 
 
-@pytest.mark.xfail(
-    raises=KnownBug,
-    strict=True,
-    reason="BUG: consumer._write_cache resets the backlog after an await, dropping entries that concurrent"
-    " group commits held back meanwhile, without a word",
-)
 async def test_06_cache_entries_held_back_by_concurrent_commits_are_never_dropped(settings: Settings) -> None:
     """The consumer's two concurrent group commits (and its background flusher) write the cache at the
     same time. Whatever the interleaving, no entry may vanish: each ends in Redis or in the backlog."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from common.models import Outcome, decide, utcnow
+from common.models import Outcome, utcnow
 from common.settings import Secret, Settings
 from common.store import MessageStore
 from gateway.app import create_app
@@ -34,7 +34,7 @@ async def send(store: MessageStore, n: int, per_commit: int | None = None) -> li
     per group commit; the rows of one commit share a ``sent_at``, later commits get later ones."""
     ids = [await store.create(f"+9055512{i:05d}", f"message {i}") for i in range(n)]
     assert sorted(await store.claim(n)) == ids
-    await store.begin_sending(ids, lambda _i, status, won: decide(status, False, False, won))
+    await store.begin_sending([(i, 1) for i in ids])
     step = per_commit or n
     for start in range(0, n, step):
         now = utcnow()
@@ -52,7 +52,7 @@ async def fail(store: MessageStore) -> int:
     mid = await store.create("+905551234567", "will fail")
     for attempt, (kind, status) in enumerate((("retry", 503), ("failed", 400)), start=1):
         assert await store.claim(1) == [mid]
-        await store.begin_sending([mid], lambda _i, s, won: decide(s, False, False, won))
+        await store.begin_sending([(mid, attempt)])
         now = utcnow()
         due = now - dt.timedelta(seconds=1) if kind == "retry" else None
         outcome = Outcome(mid, kind, attempt, now, now, status, error=f"HTTP {status}", next_attempt_at=due)

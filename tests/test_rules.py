@@ -30,6 +30,13 @@ def test_decide(status: str | None, redelivered: bool, at_least_once: bool, acti
     assert decide(status, redelivered, at_least_once) is action
 
 
+def test_a_redelivery_waits_out_the_lease_of_a_delivery_that_may_still_be_in_flight() -> None:
+    assert decide("sending", True, False, sending_for=3, lease=10) is Action.WAIT
+    assert decide("sending", True, False, sending_for=11, lease=10) is Action.FAIL_UNKNOWN
+    assert decide("sending", True, True, sending_for=11, lease=10) is Action.SEND
+    assert decide("sending", False, False, sending_for=3, lease=10) is Action.DROP
+
+
 def test_the_winner_of_the_compare_and_set_sends() -> None:
     assert decide("sending", False, False, won=True) is Action.SEND
     assert decide("sending", True, False, won=True) is Action.SEND

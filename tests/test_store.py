@@ -63,18 +63,18 @@ async def test_exactly_one_concurrent_compare_and_set_wins(settings: Settings, s
     pools = [await create_pool(settings, maxsize=1) for _ in range(10)]
     try:
         results = await asyncio.gather(
-            *(
-                MessageStore(p).begin_sending([mid], lambda _i, status, won: decide(status, False, False, won))
-                for p in pools
-            )
+            *(MessageStore(p).begin_sending([(mid, token)]) for token, p in enumerate(pools, start=1))
         )
     finally:
         for p in pools:
             p.close()
             await p.wait_closed()
-    actions = [r[0][1] for r in results]
+    actions = [decide(r[mid].status, False, False, r[mid].token == token) for token, r in enumerate(results, start=1)]
     assert actions.count(Action.SEND) == 1 and actions.count(Action.DROP) == 9
     assert (await store.get(mid))["status"] == "sending"
+    # The winner running its compare-and-set again (its answer was lost) still finds the row its own.
+    winner = actions.index(Action.SEND) + 1
+    assert (await store.begin_sending([(mid, winner)]))[mid].token == winner
 
 
 async def test_stale_claims_found_after_the_lease_not_before(store: MessageStore, settings: Settings) -> None:
@@ -91,7 +91,7 @@ async def test_stale_claims_found_after_the_lease_not_before(store: MessageStore
 async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageStore) -> None:
     a, b, c = await seed(store, 3)
     await store.claim(3)
-    await store.begin_sending([a, b, c], lambda _i, s, won: decide(s, False, False, won))
+    await store.begin_sending([(i, 1) for i in [a, b, c]])
     t0 = utcnow()
     t1 = t0 + dt.timedelta(milliseconds=30)
     await store.record_outcomes(
@@ -121,7 +121,7 @@ async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageS
 async def test_sent_pages_by_offset_and_cursor_agree_and_sent_at_never_goes_back(store: MessageStore) -> None:
     ids = await seed(store, 30)
     await store.claim(30)
-    await store.begin_sending(ids, lambda _i, s, won: decide(s, False, False, won))
+    await store.begin_sending([(i, 1) for i in ids])
     stamps = []
     for group in (ids[:10], ids[10:11], ids[11:]):  # three group commits
         now = utcnow()
@@ -157,7 +157,7 @@ async def test_dispatch_switch_persists(store: MessageStore) -> None:
 async def test_retry_failed(store: MessageStore, pool: aiomysql.Pool) -> None:
     (mid,) = await seed(store, 1)
     await store.claim(1)
-    await store.begin_sending([mid], lambda _i, s, won: decide(s, False, False, won))
+    await store.begin_sending([(i, 1) for i in [mid]])
     now = utcnow()
     await store.record_outcomes([Outcome(mid, "failed", 1, now, now, 400, error="HTTP 400")])
     row = await store.retry_failed(mid)
