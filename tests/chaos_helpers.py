@@ -22,10 +22,10 @@ import orjson
 import pytest
 import redis.asyncio as redis
 
-from common.db import connect_kwargs
 from common.models import OUTCOME_UNKNOWN
 from common.settings import Settings
 from common.store import MessageStore
+from tests.conftest import sql
 from tests.procs import ROOT, Cluster, Service, StandIn, wait_for
 
 TERMINAL = ("sent", "failed")
@@ -123,15 +123,8 @@ async def _max_id(store: MessageStore) -> int:
         return int((await cur.fetchone())[0])
 
 
-async def query(settings: Settings, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """One statement on a fresh connection: safe across a MariaDB restart (no pooled dead connections)."""
-    conn = await aiomysql.connect(**connect_kwargs(settings))  # type: ignore[arg-type]
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(statement, args)
-            return list(await cur.fetchall())
-    finally:
-        conn.close()
+# One statement on a fresh connection: safe across a MariaDB restart (no pooled dead connections).
+query = sql
 
 
 async def counts(settings: Settings) -> dict[str, int]:
