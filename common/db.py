@@ -92,3 +92,29 @@ async def pool_ctx(settings: Settings, minsize: int = 1, maxsize: int = 10) -> A
     finally:
         pool.close()
         await pool.wait_closed()
+
+
+# MySQL error numbers after which the same work is simply tried again: too many connections, the server
+# shutting down or gone away, a lost or killed connection, a lock wait timeout or a deadlock, an
+# unresolvable host (while a container's DNS comes up). Anything else (unknown column, access denied, a
+# value out of range, a constraint) is a bug or a configuration error: retrying cannot fix it.
+TRANSIENT_CODES = frozenset({1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an outage or a lock conflict (worth another try), False for a real error.
+
+    PyMySQL hides the number in ``str(exc)``: classify by ``exc.args[0]``. A connection closed under the
+    client (``InterfaceError``), a socket error and a timeout are outages too."""
+    if isinstance(exc, OSError | asyncio.TimeoutError | pymysql.err.InterfaceError):
+        return True
+    if isinstance(exc, pymysql.err.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0] in TRANSIENT_CODES
+    return False
+
+
+def error_text(exc: BaseException) -> str:
+    """``MySQL error 1054: Unknown column ...`` (the number first: it is what the manual is indexed by)."""
+    if isinstance(exc, pymysql.err.MySQLError) and len(exc.args) >= 2:
+        return f"MySQL error {exc.args[0]}: {exc.args[1]}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,17 +1,22 @@
 """Versioned schema migrations, applied on start-up by every service and by ``message-sender migrate``.
 
-Each migration is a list of statements applied in order and recorded in ``schema_migrations``. A
-database-wide named lock (``GET_LOCK``) makes replicas that start at the same moment take turns: the
-first applies, the others find nothing left to do. Statements are written so that re-running a
-migration interrupted half-way (DDL commits implicitly) is harmless. All SQL runs unchanged on
-MySQL 8 and MariaDB 10.11.
+Each migration is a list of statements applied in order and recorded in ``schema_migrations`` with a
+checksum of its statements. A migration is never edited once released: every schema change is a new
+numbered migration, and a service refuses to start when an applied migration's checksum no longer matches
+its code (someone changed history; the schema may not be what the code expects). A database-wide named
+lock (``GET_LOCK``) makes replicas that start at the same moment take turns: the first applies, the others
+find nothing left to do. Statements are written so that re-running a migration interrupted half-way (DDL
+commits implicitly) is harmless. All SQL runs unchanged on MySQL 8 and MariaDB 10.11.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 
 import aiomysql
+import pymysql
 
 from common.errors import MigrationError
 
@@ -88,27 +93,78 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " AND NOT EXISTS (SELECT 1 FROM counters WHERE name = 'sent')",
         ],
     ),
+    (
+        3,
+        "sending lease, confirmed publishes, UTC defaults whatever the session's time zone",
+        [
+            # The lease of a `sending` row (past it the producer's sweep settles it) and when the publish of a
+            # `queued` row's claim was confirmed (only unconfirmed claims are published again after the lease).
+            "ALTER TABLE messages ADD COLUMN lease_expires_at DATETIME(6) NULL",
+            "ALTER TABLE messages ADD COLUMN published_at DATETIME(6) NULL",
+            # The delivery guarantee of the consumer that won the compare-and-set: what the sweep applies to it.
+            "ALTER TABLE messages ADD COLUMN at_least_once BOOLEAN NULL",
+            # A row inserted by hand from a session in another time zone gets its true UTC time.
+            "ALTER TABLE messages MODIFY created_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6)),"
+            " MODIFY updated_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6)) ON UPDATE CURRENT_TIMESTAMP(6)",
+            # Rows in flight under the previous version get a lease (their consumer's timeout is unknown: a minute).
+            "UPDATE messages SET lease_expires_at = updated_at + INTERVAL 1 MINUTE"
+            " WHERE status = 'sending' AND lease_expires_at IS NULL",
+            # Claims made before this version count as confirmed (they were published or are re-published).
+            "UPDATE messages SET published_at = queued_at WHERE status = 'queued' AND published_at IS NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
 
 
-async def current_version(conn: aiomysql.Connection) -> int:
-    async with conn.cursor() as cur:
+def checksum(statements: list[str]) -> str:
+    """The SHA-256 of a migration's statements, whitespace-normalised (re-indenting is not a change)."""
+    text = "\n".join(re.sub(r"\s+", " ", statement).strip() for statement in statements)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# "Already done" answers to DDL, met when a migration interrupted half-way runs again (DDL commits at once,
+# so a crash can leave some statements of a migration applied): duplicate table, column or key, and a key
+# or column already dropped. MySQL 8 has no ``ADD COLUMN IF NOT EXISTS``; this keeps the SQL portable.
+ALREADY_DONE = frozenset({1050, 1060, 1061, 1091})
+
+
+async def _run(cur: aiomysql.Cursor, statement: str) -> None:
+    try:
+        await cur.execute(statement)
+    except pymysql.err.MySQLError as exc:
+        if not (exc.args and exc.args[0] in ALREADY_DONE):
+            raise
+        log.info("migration statement already applied (%s): %s", exc.args[1], " ".join(statement.split())[:80])
+
+
+async def _bookkeeping(cur: aiomysql.Cursor) -> None:
+    """Create ``schema_migrations`` (version, name, applied_at, checksum) or add the checksum column to one of
+    a release before checksums; databases migrated then get their checksums on first sight (trust on first use)."""
+    await cur.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+    )
+    columns = {str(c).lower() for (c,) in await cur.fetchall()}
+    if not columns:
         await cur.execute(
-            "SELECT COUNT(*) FROM information_schema.tables "
-            "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+            "CREATE TABLE schema_migrations ("
+            " version INT UNSIGNED NOT NULL PRIMARY KEY,"
+            " name VARCHAR(200) NOT NULL,"
+            " applied_at DATETIME(6) NOT NULL,"
+            " checksum CHAR(64) NULL"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
         )
-        (exists,) = await cur.fetchone()
-        if not exists:
-            return 0
-        await cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        (version,) = await cur.fetchone()
-        return int(version)
+    elif "checksum" not in columns:
+        await _run(cur, "ALTER TABLE schema_migrations ADD COLUMN checksum CHAR(64) NULL")
 
 
 async def migrate(pool: aiomysql.Pool) -> list[int]:
-    """Bring the schema to :data:`LATEST`; return the versions applied by this call (empty: nothing to do)."""
+    """Bring the schema to :data:`LATEST`; return the versions applied by this call (empty: nothing to do).
+
+    Raises :class:`MigrationError` when an applied migration was changed since (its checksum differs) or the
+    database is at a version this code does not know (a newer release ran against it)."""
     applied: list[int] = []
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT GET_LOCK(CONCAT(DATABASE(), '.migrations'), %s)", (LOCK_TIMEOUT_SECONDS,))
@@ -116,24 +172,38 @@ async def migrate(pool: aiomysql.Pool) -> list[int]:
         if locked != 1:
             raise MigrationError(f"could not take the migration lock within {LOCK_TIMEOUT_SECONDS}s")
         try:
-            version = await current_version(conn)
-            if version == 0:
-                await cur.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version INT UNSIGNED NOT NULL PRIMARY KEY,"
-                    " name VARCHAR(200) NOT NULL,"
-                    " applied_at DATETIME(6) NOT NULL"
-                    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            await _bookkeeping(cur)
+            await cur.execute("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            done = {int(v): c for v, c in await cur.fetchall()}
+            known = {number: (name, statements) for number, name, statements in MIGRATIONS}
+            unknown = sorted(set(done) - set(known))
+            if unknown:
+                raise MigrationError(
+                    f"the database is at schema version {max(unknown)}, newer than this release knows"
+                    f" ({LATEST}): run the release that migrated it"
                 )
+            for number, recorded in done.items():
+                expected = checksum(known[number][1])
+                if recorded is None:
+                    await cur.execute(
+                        "UPDATE schema_migrations SET checksum = %s WHERE version = %s", (expected, number)
+                    )
+                elif recorded != expected:
+                    raise MigrationError(
+                        f"migration {number} ({known[number][0]}) was changed after it was applied"
+                        f" (checksum {recorded[:12]}... in the database, {expected[:12]}... in the code):"
+                        " applied migrations are never edited; add a new numbered migration instead"
+                    )
             for number, name, statements in MIGRATIONS:
-                if number <= version:
+                if number in done:
                     continue
                 log.info("applying migration %d: %s", number, name)
                 for statement in statements:
-                    await cur.execute(statement)
+                    await _run(cur, statement)
                 await cur.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, UTC_TIMESTAMP(6))",
-                    (number, name),
+                    "INSERT INTO schema_migrations (version, name, applied_at, checksum)"
+                    " VALUES (%s, %s, UTC_TIMESTAMP(6), %s)",
+                    (number, name, checksum(statements)),
                 )
                 applied.append(number)
         finally:

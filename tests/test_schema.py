@@ -1,13 +1,16 @@
 """Migrations and the database's own constraints."""
 
 import asyncio
+import dataclasses
+import re
 
 import aiomysql
 import pymysql
 import pytest
 
-from common.db import create_pool
-from common.migrations import LATEST, migrate
+from common.db import connect_kwargs, create_pool
+from common.errors import MigrationError
+from common.migrations import LATEST, MIGRATIONS, migrate
 from common.settings import Settings
 from tests.conftest import sql
 
@@ -24,9 +27,83 @@ async def test_concurrent_migrators_end_with_one_schema(settings: Settings) -> N
         for p in pools:
             p.close()
             await p.wait_closed()
-    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
-    rows = await sql(settings, "SELECT version FROM schema_migrations")
-    assert rows == [(LATEST,)]
+    assert sorted(len(r) for r in results) == [0, 0, 0, len(MIGRATIONS)]
+    rows = await sql(settings, "SELECT version FROM schema_migrations ORDER BY version")
+    assert rows == [(number,) for number, _, _ in MIGRATIONS] and rows[-1] == (LATEST,)
+
+
+async def test_an_edited_applied_migration_stops_the_start(pool: aiomysql.Pool, settings: Settings) -> None:
+    """Applied migrations are immutable: a changed one (here: its recorded checksum) refuses to migrate."""
+    await sql(settings, "UPDATE schema_migrations SET checksum = REPEAT('0', 64) WHERE version = 1")
+    with pytest.raises(MigrationError, match=r"migration 1 .* was changed after it was applied"):
+        await migrate(pool)
+
+
+async def test_a_database_from_a_newer_release_is_refused(pool: aiomysql.Pool, settings: Settings) -> None:
+    await sql(settings, "INSERT INTO schema_migrations VALUES (9999, 'future', UTC_TIMESTAMP(6), NULL)")
+    with pytest.raises(MigrationError, match="schema version 9999, newer than this release"):
+        await migrate(pool)
+
+
+async def test_a_database_created_at_version_1_upgrades_to_the_latest(settings: Settings, pool: aiomysql.Pool) -> None:
+    """A database created by the first release (with rows in every state) migrates to exactly the schema a
+    new database gets, and keeps its rows; the in-flight ones get their way out."""
+    fresh = {t: await _create_table(settings, t) for t in ("messages", "message_attempts", "dispatch_state")}
+    old = dataclasses.replace(settings, mysql_database=settings.mysql_database + "_v1")
+    old_pool = await create_pool(old)
+    try:
+        async with old_pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "CREATE TABLE schema_migrations (version INT UNSIGNED NOT NULL PRIMARY KEY,"
+                " name VARCHAR(200) NOT NULL, applied_at DATETIME(6) NOT NULL)"
+            )
+            number, name, statements = MIGRATIONS[0]
+            for statement in statements:
+                await cur.execute(statement)
+            await cur.execute("INSERT INTO schema_migrations VALUES (%s, %s, UTC_TIMESTAMP(6))", (number, name))
+            await cur.execute(
+                "INSERT INTO messages (recipient, content, status, queued_at) VALUES"
+                " ('+905551111111', 'a', 'pending', NULL), ('+905551111112', 'b', 'queued', UTC_TIMESTAMP(6)),"
+                " ('+905551111113', 'c', 'sending', UTC_TIMESTAMP(6))"
+            )
+        assert await migrate(old_pool) == [n for n, _, _ in MIGRATIONS[1:]]
+        for table, create in fresh.items():
+            assert await _create_table(old, table) == create, f"{table} differs after the upgrade"
+        rows = await sql(
+            old, "SELECT status, lease_expires_at IS NOT NULL, published_at IS NOT NULL FROM messages ORDER BY id"
+        )
+        assert rows == [("pending", 0, 0), ("queued", 0, 1), ("sending", 1, 0)]
+        assert await migrate(old_pool) == []
+    finally:
+        old_pool.close()
+        await old_pool.wait_closed()
+        await sql(settings, f"DROP DATABASE IF EXISTS `{old.mysql_database}`")
+
+
+async def _create_table(settings: Settings, table: str) -> str:
+    (row,) = await sql(settings, f"SHOW CREATE TABLE `{table}`")
+    return re.sub(r" AUTO_INCREMENT=\d+", "", str(row[1]))
+
+
+async def test_a_row_inserted_by_hand_in_another_time_zone_gets_its_utc_time(
+    pool: aiomysql.Pool, settings: Settings
+) -> None:
+    """The README invites hand inserts; a session in UTC+05:00 must not store a created_at 5 h in the future
+    (it would sort last in "oldest first")."""
+    conn = await aiomysql.connect(**{**connect_kwargs(settings), "init_command": "SET time_zone = '+05:00'"})
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'from +05:00')")
+    finally:
+        conn.close()
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111112', 'from UTC')")
+    rows = await sql(
+        settings,
+        "SELECT content, TIMESTAMPDIFF(SECOND, created_at, UTC_TIMESTAMP(6)),"
+        " TIMESTAMPDIFF(SECOND, updated_at, UTC_TIMESTAMP(6)) FROM messages ORDER BY created_at, id",
+    )
+    assert [r[0] for r in rows] == ["from +05:00", "from UTC"], "oldest first"
+    assert all(abs(int(r[1])) < 60 and abs(int(r[2])) < 60 for r in rows), rows
 
 
 async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, settings: Settings) -> None:
