@@ -21,40 +21,19 @@ class Status(enum.StrEnum):
     FAILED = "failed"
 
 
-class Action(enum.Enum):
-    """What a consumer does with one delivery, decided under the row lock."""
-
-    SEND = "send"  # it won the queued -> sending compare-and-set (or resends under at-least-once)
-    DROP = "drop"  # a duplicate: someone else has it or it is already finished
-    WAIT = "wait"  # redelivered while its first delivery may still be in flight: look again later
-    FAIL_UNKNOWN = "fail_unknown"  # its consumer died mid-request: the outcome is unknown (at-most-once)
+# Every "outcome unknown" reason starts with this: the request may have reached the service, nobody knows.
+OUTCOME_UNKNOWN = "outcome unknown"
 
 
-OUTCOME_UNKNOWN = "outcome unknown: the consumer stopped while the request was in flight; not resent (at-most-once)"
+def outcome_unknown(what: str, resent: bool) -> str:
+    """The ``last_error`` of a delivery whose request may have reached the service but whose answer was lost
+    (a timeout or reset after the request was written, a consumer that died mid-request)."""
+    then = "sent again with the same Idempotency-Key (at-least-once)" if resent else "not resent (at-most-once)"
+    return f"{OUTCOME_UNKNOWN}: {what}; {then}"
 
 
-def decide(
-    status: str | None,
-    redelivered: bool,
-    at_least_once: bool,
-    won: bool = False,
-    sending_for: float = 0.0,
-    lease: float = 0.0,
-) -> Action:
-    """The never-twice rule: only the delivery that won the ``queued -> sending`` compare-and-set sends.
-
-    A ``sending`` row seen again on a broker redelivery may belong to a consumer that died mid-request,
-    or to one that only lost its channel and is still waiting for the answer. Within ``lease`` seconds of
-    the row going ``sending`` (longer than any request may take) the redelivery waits; after it, the
-    first delivery is known to be over with no outcome recorded: failed (at-most-once) or resent
-    (at-least-once). Anything else is a duplicate and is dropped."""
-    if won:
-        return Action.SEND
-    if status == Status.SENDING and redelivered:
-        if sending_for < lease:
-            return Action.WAIT
-        return Action.SEND if at_least_once else Action.FAIL_UNKNOWN
-    return Action.DROP
+def is_outcome_unknown(last_error: str | None) -> bool:
+    return bool(last_error) and str(last_error).startswith(OUTCOME_UNKNOWN)
 
 
 def validate_recipient(value: object) -> str:
@@ -85,7 +64,12 @@ class Delivery:
     status: str
     attempts: int
     token: int | None = None  # the delivery token of the compare-and-set that moved it to sending
-    sending_for: float = 0.0  # seconds since the row last changed (for a sending row: since it went sending)
+
+    def won_by(self, token: int) -> bool:
+        """Only the delivery whose compare-and-set moved the row to ``sending`` may send it: a duplicate AMQP
+        delivery, a re-published claim or a redelivery of a row that is already ``sending`` or finished is dropped
+        (a row left ``sending`` by a consumer that died is settled by the sending lease's sweep)."""
+        return self.status == Status.SENDING and self.token == token
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +79,7 @@ class Outcome:
     id: int
     kind: str  # 'sent' | 'retry' | 'failed'
     attempt: int
+    token: int  # the delivery token: the commit applies only while the row still carries it (fencing)
     started_at: dt.datetime
     finished_at: dt.datetime
     http_status: int | None = None

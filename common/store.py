@@ -1,8 +1,13 @@
-"""The message store: every SQL statement of message-sender, in one place.
+"""The message store: every statement that moves a message through the pipeline, in one place.
 
-Rows move ``pending -> queued`` (claim), ``queued -> sending`` (the consumer's compare-and-set) and
-``sending -> sent | pending (retry) | failed``. Every transition is a compare-and-set on ``status`` so
-that duplicate deliveries and racing replicas can never move a row twice.
+Rows move ``pending -> queued`` (claim), ``queued -> sending`` (the consumer's compare-and-set, which stamps
+the row with the delivery's token and a sending lease) and ``sending -> sent | pending (retry) | failed``.
+Every transition is a compare-and-set on ``status``, and an outcome is fenced by the delivery's token, so
+duplicate deliveries, racing replicas and late answers can never move a row twice. Each non-terminal state
+has a way out: a ``queued`` row whose publish was never confirmed is published again after the claim lease,
+a ``sending`` row whose lease ran out is settled by :meth:`MessageStore.sweep_sending`.
+
+The read queries (lists, details, statistics) are in :mod:`common.queries`.
 """
 
 from __future__ import annotations
@@ -14,35 +19,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomysql
-import orjson
 
 from common.errors import ConflictError, NotFoundError
-from common.models import Delivery, Outcome, Status
+from common.models import Delivery, Outcome, is_outcome_unknown, outcome_unknown, utcnow
+from common.queries import MessageQueries, Row, SentPage
 
-MESSAGE_COLUMNS = "id, recipient, content, status, remote_message_id, attempts, created_at, sent_at"
-DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, updated_at"
-ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms"
-
-Row = dict[str, Any]
-_EPOCH = dt.datetime(1970, 1, 1)
-_ISO = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
-_SENT_JSON = (
-    "JSON_OBJECT('id', id, 'recipient', recipient, 'content', content, 'status', status,"
-    " 'remote_message_id', remote_message_id, 'attempts', attempts,"
-    f" 'created_at', DATE_FORMAT(created_at, {_ISO}), 'sent_at', DATE_FORMAT(sent_at, {_ISO}))"
-)
+__all__ = ["LeaderLock", "MessageStore", "Row", "SentPage", "Swept"]
 
 
-@dataclass(frozen=True, slots=True)
-class SentPage:
-    total: int  # all sent messages
-    json: str  # the page as a JSON array
-    count: int  # rows on the page
-    last_key: str | None  # "<sent_at micros>:<id>" of the last row, for the next cursor
+LEASE_LAPSED = "the sending lease ran out with no outcome recorded (its consumer or AMQP message was lost)"
 
 
 def _in(ids: Sequence[int]) -> str:
     return ", ".join(["%s"] * len(ids))
+
+
+def _micros(seconds: float) -> int:
+    return int(seconds * 1_000_000)
 
 
 def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[str, list[Any]]:
@@ -54,11 +47,40 @@ def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[
     return sql, [v for row in rows for v in row]
 
 
-class MessageStore:
-    def __init__(self, pool: aiomysql.Pool) -> None:
-        self.pool = pool
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a group commit did: the ``sent_at`` of each sent row it recorded (or found recorded by an earlier
+    run of the same commit whose answer was lost), and the outcomes it refused because their row no longer
+    carries their delivery's token (the sweep settled it meanwhile)."""
 
-    # --- creating and reading -------------------------------------------------------------------
+    sent_at: dict[int, dt.datetime]
+    fenced: list[Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """A ``sending`` row whose lease ran out, as the sweep settled it."""
+
+    id: int
+    recipient: str
+    content: str
+    kind: str  # 'failed' | 'retry'
+    attempt: int
+    error: str
+
+
+async def _rollback(conn: aiomysql.Connection) -> None:
+    with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
+        await conn.rollback()
+
+
+async def _drain(cur: aiomysql.Cursor) -> None:
+    while await cur.nextset():
+        pass
+
+
+class MessageStore(MessageQueries):
+    # --- creating --------------------------------------------------------------------------------
 
     async def create(self, recipient: str, content: str) -> int:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
@@ -72,129 +94,29 @@ class MessageStore:
             await cur.executemany("INSERT INTO messages (recipient, content) VALUES (%s, %s)", batch)
         return len(batch)
 
-    async def get(self, message_id: int) -> Row | None:
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
-            await cur.execute(f"SELECT {DETAIL_COLUMNS} FROM messages WHERE id = %s", (message_id,))
-            row: Row | None = await cur.fetchone()
-            if row is None:
-                return None
-            await cur.execute(
-                f"SELECT {ATTEMPT_COLUMNS} FROM message_attempts WHERE message_id = %s ORDER BY id",
+    async def retry_failed(self, message_id: int, force: bool = False) -> Row:
+        """Put a ``failed`` message back to ``pending`` with a fresh attempt budget. A message that failed with
+        an unknown outcome may have reached the service: it is retried only with ``force``."""
+        row = await self.get(message_id)
+        if row is None:
+            raise NotFoundError(f"message {message_id} does not exist")
+        if row["status"] == "failed" and is_outcome_unknown(row["last_error"]) and not force:
+            raise ConflictError(
+                f"message {message_id} failed with an unknown outcome: it may have reached the notification"
+                " service already; retry with force=true to send it anyway (it may arrive twice)"
+            )
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            changed = await cur.execute(
+                "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL, queued_at = NULL,"
+                " published_at = NULL, delivery_token = NULL WHERE id = %s AND status = 'failed'",
                 (message_id,),
             )
-            row["attempt_log"] = list(await cur.fetchall())
-            return row
-
-    async def sent_page(self, limit: int, offset: int = 0, after: tuple[int, int] | None = None) -> SentPage:
-        """A page of sent messages, newest first, already as a JSON array, with the total, in one round trip.
-
-        Sent rows are numbered (``sent_seq`` 1, 2, ...) in the commit that marks them, in ``(sent_at, id)``
-        order, so an offset page is a range of ``sent_seq``: as fast at offset 500,000 as at 0. ``after``
-        (``(sent_at in microseconds since the epoch, id)`` of the previous page's last row) continues a
-        walk that new sends cannot shift. Rows come out as ``JSON_OBJECT`` text: no per-column decoding."""
-        if after is None:
-            where = "sent_seq <= (SELECT value FROM counters WHERE name = 'sent') - %s"
-            args: list[Any] = [offset]
-            order = "sent_seq DESC"
-        else:
-            at = _EPOCH + dt.timedelta(microseconds=after[0])
-            # The index hint and the redundant bound make it a range scan starting at the cursor; without them
-            # MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms 150,000 rows deep).
-            where = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)"
-            args = [at, at, after[1]]
-            order = "sent_at DESC, id DESC"
-        hint = "FORCE INDEX (ix_messages_sent)" if after else ""
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT value FROM counters WHERE name = 'sent';"
-                f" SELECT {_SENT_JSON} FROM messages {hint} WHERE {where} ORDER BY {order} LIMIT %s",
-                [*args, limit],
-            )
-            total_row = await cur.fetchone()
-            await cur.nextset()
-            rows = [r[0] for r in await cur.fetchall()]
-            while await cur.nextset():
-                pass
-        last_key = None
-        if rows:
-            last = orjson.loads(rows[-1])
-            sent_at = dt.datetime.fromisoformat(last["sent_at"].removesuffix("Z"))
-            last_key = f"{(sent_at - _EPOCH) // dt.timedelta(microseconds=1)}:{last['id']}"
-        return SentPage(
-            total=int(total_row[0]) if total_row else 0,
-            json="[" + ",".join(rows) + "]",
-            count=len(rows),
-            last_key=last_key,
-        )
-
-    async def sent_total(self) -> int:
-        """How many messages are ``sent``: a counter kept in the same transactions that mark them."""
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT value FROM counters WHERE name = 'sent'")
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
-
-    async def counts_by_status(self) -> dict[str, int]:
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
-            counts = {s.value: 0 for s in Status}
-            counts.update({status: int(n) for status, n in await cur.fetchall()})
-            return counts
-
-    async def sent_since(self, seconds: float) -> int:
-        """How many messages were sent in the last ``seconds`` (a range of ``ix_messages_sent``)."""
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT COUNT(*) FROM messages WHERE status = 'sent'"
-                " AND sent_at >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
-                (int(seconds * 1_000_000),),
-            )
-            (n,) = await cur.fetchone()
-            return int(n)
-
-    async def claim_to_sent_seconds(self, limit: int) -> list[float]:
-        """``sent_at - queued_at`` (the last claim to the send) of the ``limit`` most recently sent messages
-        (rows sent without a claim, e.g. inserted as sent, have no ``queued_at`` and are left out)."""
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT TIMESTAMPDIFF(MICROSECOND, queued_at, sent_at) FROM messages WHERE status = 'sent'"
-                " ORDER BY sent_at DESC LIMIT %s",
-                (limit,),
-            )
-            return [max(int(us), 0) / 1_000_000 for (us,) in await cur.fetchall() if us is not None]
-
-    async def per_minute(self, since: dt.datetime) -> dict[dt.datetime, tuple[int, int]]:
-        """``{minute: (sent, failed)}`` from ``since`` on (UTC); minutes with neither are left out. Sent rows
-        are counted by ``sent_at`` on a range of ``ix_messages_sent`` (index only: ~0.8 ms per 1,000 rows in
-        the window on MariaDB 10.11); failed ones by ``updated_at``, reading every failed row (the ``status``
-        prefix of ``ix_messages_claim``): fine while they are few."""
-        minute = "DATE_FORMAT({}, '%%Y-%%m-%%d %%H:%%i')"
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                f"SELECT {minute.format('sent_at')} AS m, COUNT(*), 0 FROM messages"
-                " WHERE status = 'sent' AND sent_at >= %s GROUP BY m"
-                f" UNION ALL SELECT {minute.format('updated_at')} AS m, 0, COUNT(*) FROM messages"
-                " WHERE status = 'failed' AND updated_at >= %s GROUP BY m",
-                (since, since),
-            )
-            result: dict[dt.datetime, tuple[int, int]] = {}
-            for text, sent, failed in await cur.fetchall():
-                at = dt.datetime.strptime(text, "%Y-%m-%d %H:%M")
-                before = result.get(at, (0, 0))
-                result[at] = (before[0] + int(sent), before[1] + int(failed))
-            return result
-
-    async def list_failed(self, limit: int, offset: int = 0) -> list[Row]:
-        """Failed messages, newest first, with their reason; the page is found on ``ix_messages_claim``."""
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
-            await cur.execute(
-                "SELECT m.id, m.recipient, m.content, m.last_error, m.attempts, m.updated_at FROM ("
-                " SELECT id FROM messages WHERE status = 'failed'"
-                " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
-                " JOIN messages AS m ON m.id = page.id ORDER BY m.created_at DESC, m.id DESC",
-                (limit, offset),
-            )
-            return list(await cur.fetchall())
+        row = await self.get(message_id)
+        if row is None:
+            raise NotFoundError(f"message {message_id} does not exist")
+        if not changed:
+            raise ConflictError(f"message {message_id} is {row['status']}, only a failed message can be retried")
+        return row
 
     # --- the producer's side --------------------------------------------------------------------
 
@@ -214,15 +136,26 @@ class MessageStore:
                 ids = [int(r[0]) for r in await cur.fetchall()]
                 if ids:
                     await cur.execute(
-                        f"UPDATE messages SET status = 'queued', queued_at = UTC_TIMESTAMP(6) WHERE id IN ({_in(ids)})",
+                        "UPDATE messages SET status = 'queued', queued_at = UTC_TIMESTAMP(6), published_at = NULL"
+                        f" WHERE id IN ({_in(ids)})",
                         ids,
                     )
                 await conn.commit()
                 return ids
             except BaseException:
-                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
-                    await conn.rollback()
+                await _rollback(conn)
                 raise
+
+    async def mark_published(self, ids: Sequence[int]) -> None:
+        """Record that the publish of these claims was confirmed by the broker: from now on only a lost AMQP
+        message (not a slow consumer) makes them stale (see :meth:`reclaim_stale`)."""
+        if not ids:
+            return
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"UPDATE messages SET published_at = UTC_TIMESTAMP(6) WHERE status = 'queued' AND id IN ({_in(ids)})",
+                list(ids),
+            )
 
     async def release(self, ids: Sequence[int]) -> int:
         """Return ``queued`` rows whose publish failed to ``pending`` so the next tick claims them again."""
@@ -231,45 +164,113 @@ class MessageStore:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             return int(
                 await cur.execute(
-                    "UPDATE messages SET status = 'pending', queued_at = NULL"
+                    "UPDATE messages SET status = 'pending', queued_at = NULL, published_at = NULL"
                     f" WHERE status = 'queued' AND id IN ({_in(ids)})",
                     list(ids),
                 )
             )
 
-    async def reclaim_stale(self, lease_seconds: float, limit: int) -> list[int]:
-        """``queued`` rows older than the lease (their AMQP message may be lost): renew their lease and
-        return their ids so they are published again. A duplicate that does reach a consumer is dropped
-        by the compare-and-set."""
+    async def reclaim_stale(self, lease_seconds: float, limit: int, queue_empty: bool) -> list[int]:
+        """``queued`` rows whose AMQP message may be lost, with their lease renewed, to be published again:
+
+        - a claim whose publish was never confirmed, older than the lease (a producer died between its
+          commit and its publish), or with no claim time at all (a row set to ``queued`` by hand);
+        - a confirmed claim older than the lease, but only while the dispatch queue holds no ready message
+          (``queue_empty``): then its message was lost with the queue (purged, deleted, a lost node). A
+          confirmed claim that merely waits behind a backlog is left alone, so a slow consumer never causes
+          extra copies. A duplicate that does reach a consumer is dropped by the compare-and-set."""
+        confirmed = " OR published_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND" if queue_empty else ""
+        args: list[Any] = [_micros(lease_seconds)] * (2 if queue_empty else 1)
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
                 await cur.execute(
-                    "SELECT id FROM messages WHERE status = 'queued'"
-                    " AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
-                    " ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (int(lease_seconds * 1_000_000), limit),
+                    "SELECT id FROM messages WHERE status = 'queued' AND (queued_at IS NULL"
+                    " OR (published_at IS NULL AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)"
+                    f"{confirmed}) ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    [*args, limit],
                 )
                 ids = [int(r[0]) for r in await cur.fetchall()]
                 if ids:
-                    await cur.execute(f"UPDATE messages SET queued_at = UTC_TIMESTAMP(6) WHERE id IN ({_in(ids)})", ids)
+                    await cur.execute(
+                        "UPDATE messages SET queued_at = UTC_TIMESTAMP(6), published_at = NULL"
+                        f" WHERE id IN ({_in(ids)})",
+                        ids,
+                    )
                 await conn.commit()
                 return ids
             except BaseException:
-                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
-                    await conn.rollback()
+                await _rollback(conn)
+                raise
+
+    async def sweep_sending(self, max_attempts: int, limit: int) -> list[Swept]:
+        """Settle ``sending`` rows whose sending lease ran out: their delivery is over (the request is bounded by
+        the webhook timeout) but no outcome was recorded, because its consumer died, or the AMQP message was
+        lost with its consumer. Nobody knows whether the service got the request. Under the guarantee of the
+        consumer that took the row (recorded by its compare-and-set): at-most-once marks it ``failed``
+        "outcome unknown"; at-least-once puts it back to ``pending`` (due now) so it is sent again with the
+        same ``Idempotency-Key``, within its attempt budget. Clearing the delivery token fences out a late
+        outcome of the old delivery. A row with no lease (set to ``sending`` by hand) is settled at once,
+        at-most-once. One attempt row per settled row says what happened."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await cur.execute(
+                    "SELECT id, recipient, content, attempts, at_least_once FROM messages WHERE status = 'sending'"
+                    " AND (lease_expires_at IS NULL OR lease_expires_at < UTC_TIMESTAMP(6))"
+                    " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (limit,),
+                )
+                found = await cur.fetchall()
+                swept: list[Swept] = []
+                for message_id, recipient, content, attempts, at_least_once in found:
+                    attempt = int(attempts) + 1
+                    again = at_least_once and attempt < max_attempts
+                    error = outcome_unknown(LEASE_LAPSED, resent=again)
+                    if at_least_once and not again:
+                        error = f"gave up after {attempt} attempts; last: {error}"
+                    kind = "retry" if again else "failed"
+                    swept.append(Swept(int(message_id), recipient, content, kind, attempt, error))
+                if swept:
+                    now = utcnow()
+                    table, values = _values_table([(s.id, s.kind, s.error) for s in swept], ("id", "kind", "err"))
+                    await cur.execute(
+                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                        " SET m.status = IF(v.kind = 'retry', 'pending', 'failed'), m.last_error = v.err,"
+                        " m.attempts = m.attempts + 1, m.delivery_token = NULL, m.lease_expires_at = NULL,"
+                        " m.queued_at = IF(v.kind = 'retry', NULL, m.queued_at),"
+                        " m.next_attempt_at = IF(v.kind = 'retry', UTC_TIMESTAMP(6), NULL)"
+                        " WHERE m.status = 'sending'",
+                        values,
+                    )
+                    await cur.execute(
+                        "INSERT INTO message_attempts"
+                        " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms)"
+                        " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, NULL, %s, 0)"] * len(swept)),
+                        [v for s in swept for v in (s.id, s.attempt, now, now, s.kind, s.error)],
+                    )
+                await conn.commit()
+                return swept
+            except BaseException:
+                await _rollback(conn)
                 raise
 
     # --- the consumer's side --------------------------------------------------------------------
 
-    async def begin_sending(self, claims: Sequence[tuple[int, int]]) -> dict[int, Delivery]:
+    async def begin_sending(
+        self, claims: Sequence[tuple[int, int]], lease_seconds: float = 60.0, at_least_once: bool = False
+    ) -> dict[int, Delivery]:
         """The ``queued -> sending`` compare-and-set for a batch of ``(id, token)`` claims, in one round trip.
 
-        One ``UPDATE`` moves every still-``queued`` row to ``sending`` stamped with its claim's token (each
-        delivery draws its own and keeps it across retries); the ``SELECT`` of the same round trip reads
-        the rows back: a delivery won its row if the row carries its token, whatever else happened, even
-        if this statement's answer was lost and it is run again. Unknown ids are missing from the result."""
+        One ``UPDATE`` moves every still-``queued`` row to ``sending``, stamped with its claim's token (each
+        delivery draws its own and keeps it across retries) and a sending lease of ``lease_seconds`` (longer
+        than the request may take: past it, :meth:`sweep_sending` settles the row, under ``at_least_once``, the
+        winner's delivery guarantee); the ``SELECT`` of the
+        same round trip reads the rows back: a delivery won its row if the row carries its token, whatever
+        else happened, even if this statement's answer was lost and it is run again. Unknown ids are missing
+        from the result."""
         if not claims:
             return {}
         ids = sorted({i for i, _ in claims})
@@ -277,85 +278,97 @@ class MessageStore:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
                 f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                " SET m.status = 'sending', m.delivery_token = v.tok WHERE m.status = 'queued';"
-                " SELECT id, recipient, content, status, attempts, delivery_token,"
-                " TIMESTAMPDIFF(MICROSECOND, updated_at, UTC_TIMESTAMP(6))"
+                " SET m.status = 'sending', m.delivery_token = v.tok,"
+                " m.lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, m.at_least_once = %s"
+                " WHERE m.status = 'queued';"
+                " SELECT id, recipient, content, status, attempts, delivery_token"
                 f" FROM messages WHERE id IN ({_in(ids)})",
-                [*values, *ids],
+                [*values, _micros(lease_seconds), at_least_once, *ids],
             )
             await cur.nextset()
             found = await cur.fetchall()
-            while await cur.nextset():
-                pass
-        return {
-            int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4]), r[5], max(0.0, (r[6] or 0) / 1e6))
-            for r in found
-        }
+            await _drain(cur)
+        return {int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4]), r[5]) for r in found}
 
-    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dt.datetime | None:
-        """Write a batch of delivery outcomes as one transaction (the group commit): the row updates (only
-        rows still ``sending`` move, so a duplicate outcome changes nothing), the sent counter, and one
-        ``message_attempts`` row per attempt. Returns the ``sent_at`` given to this batch's sent rows.
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> Recorded:
+        """Write a batch of delivery outcomes as one transaction (the group commit): the row updates, the sent
+        counter, and one ``message_attempts`` row per attempt.
 
-        Sent rows get their ``sent_at`` and ``sent_seq`` under the lock of the sent counter, so commits
-        number them one after another: ``sent_at`` never goes backwards and ``sent_seq`` follows
-        ``(sent_at, id)`` order exactly, which is what lets an offset page be a range of ``sent_seq``.
-        Two round trips with sent rows in the batch (lock and read, then write and commit), else one."""
+        An outcome applies only while its row is ``sending`` with the outcome's delivery token (fencing): a
+        late outcome of a delivery whose row the sweep settled meanwhile changes nothing and is returned in
+        ``fenced``; an outcome whose row already carries it finished (this commit ran before and its answer
+        was lost) is not written twice. Sent rows get their ``sent_at`` and ``sent_seq`` under the lock of
+        the sent counter, so commits number them one after another: ``sent_at`` never goes backwards and
+        ``sent_seq`` follows ``(sent_at, id)`` order exactly, which is what lets an offset page be a range of
+        ``sent_seq``. Two round trips: lock and read, then write and commit."""
         if not outcomes:
-            return None
-        sent = [o for o in outcomes if o.kind == "sent"]
-        statements: list[str] = []
-        args: list[Any] = []
-        sent_at: dt.datetime | None = None
+            return Recorded({}, [])
+        any_sent = any(o.kind == "sent" for o in outcomes)
+        ids = sorted({o.id for o in outcomes})
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             try:
-                if sent:
-                    ids = sorted({o.id for o in sent})
-                    await cur.execute(
-                        "START TRANSACTION; SELECT value FROM counters WHERE name = 'sent' FOR UPDATE;"
+                head = "START TRANSACTION;"
+                if any_sent:
+                    head += (
+                        " SELECT value FROM counters WHERE name = 'sent' FOR UPDATE;"
                         " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_at) + INTERVAL 1 MICROSECOND,"
                         " UTC_TIMESTAMP(6))) FROM messages WHERE status = 'sent';"
-                        f" SELECT id FROM messages WHERE id IN ({_in(ids)}) AND status = 'sending'"
-                        " ORDER BY id FOR UPDATE",
-                        ids,
                     )
+                await cur.execute(
+                    head + f" SELECT id, status, delivery_token, sent_at FROM messages WHERE id IN ({_in(ids)})"
+                    " ORDER BY id FOR UPDATE",
+                    ids,
+                )
+                base, sent_at = 0, None
+                if any_sent:
                     await cur.nextset()
                     (base,) = await cur.fetchone()
                     await cur.nextset()
                     (sent_at,) = await cur.fetchone()
-                    await cur.nextset()
-                    live = [int(r[0]) for r in await cur.fetchall()]
-                    while await cur.nextset():
-                        pass
-                    remote = {o.id: o.remote_message_id for o in sent}
-                    if live:
-                        table, values = _values_table(
-                            [(i, remote[i], int(base) + n) for n, i in enumerate(live, start=1)], ("id", "rid", "seq")
-                        )
-                        statements += [
-                            f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                            " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = %s, m.sent_seq = v.seq,"
-                            " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL"
-                            " WHERE m.status = 'sending'",
-                            "UPDATE counters SET value = %s WHERE name = 'sent'",
-                        ]
-                        args += [*values, sent_at, int(base) + len(live)]
-                else:
-                    statements.append("START TRANSACTION")
-                self._outcome_statements(outcomes, statements, args)
+                await cur.nextset()
+                rows = {int(r[0]): (r[1], r[2], r[3]) for r in await cur.fetchall()}
+                await _drain(cur)
+                live: list[Outcome] = []
+                fenced: list[Outcome] = []
+                recorded: dict[int, dt.datetime] = {}
+                for o in outcomes:
+                    status, token, row_sent_at = rows.get(o.id, (None, None, None))
+                    if token != o.token:
+                        fenced.append(o)
+                    elif status == "sending":
+                        live.append(o)
+                    elif status == "sent" and row_sent_at is not None:  # recorded by an earlier run of this commit
+                        recorded[o.id] = row_sent_at
+                statements: list[str] = []
+                args: list[Any] = []
+                sent = sorted(o.id for o in live if o.kind == "sent")
+                if sent:
+                    remote = {o.id: o.remote_message_id for o in live if o.kind == "sent"}
+                    table, values = _values_table(
+                        [(i, remote[i], int(base) + n) for n, i in enumerate(sent, start=1)], ("id", "rid", "seq")
+                    )
+                    statements += [
+                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
+                        " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = %s, m.sent_seq = v.seq,"
+                        " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL,"
+                        " m.lease_expires_at = NULL WHERE m.status = 'sending'",
+                        "UPDATE counters SET value = %s WHERE name = 'sent'",
+                    ]
+                    args += [*values, sent_at, int(base) + len(sent)]
+                    assert isinstance(sent_at, dt.datetime)
+                    recorded.update(dict.fromkeys(sent, sent_at))
+                self._outcome_statements(live, statements, args)
                 statements.append("COMMIT")
                 await cur.execute(";\n".join(statements), args)
-                while await cur.nextset():
-                    pass
+                await _drain(cur)
             except BaseException:
-                with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
-                    await conn.rollback()
+                await _rollback(conn)
                 raise
-        return sent_at
+        return Recorded(recorded, fenced)
 
     @staticmethod
     def _outcome_statements(outcomes: Sequence[Outcome], statements: list[str], args: list[Any]) -> None:
-        """The retry and failed updates and the attempt rows of a group commit."""
+        """The retry and failed updates and the attempt rows of a group commit (rows known to be live)."""
         retry = [o for o in outcomes if o.kind == "retry"]
         failed = [o for o in outcomes if o.kind == "failed"]
         if retry:
@@ -363,7 +376,8 @@ class MessageStore:
             statements.append(
                 f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
                 " SET m.status = 'pending', m.last_error = v.err, m.next_attempt_at = v.due,"
-                " m.attempts = m.attempts + 1, m.queued_at = NULL WHERE m.status = 'sending'"
+                " m.attempts = m.attempts + 1, m.queued_at = NULL, m.published_at = NULL, m.lease_expires_at = NULL"
+                " WHERE m.status = 'sending'"
             )
             args += values
         if failed:
@@ -371,55 +385,31 @@ class MessageStore:
             statements.append(
                 f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
                 " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
-                " m.next_attempt_at = NULL WHERE m.status = 'sending'"
+                " m.next_attempt_at = NULL, m.lease_expires_at = NULL WHERE m.status = 'sending'"
             )
             args += values
-        statements.append(
-            "INSERT INTO message_attempts"
-            " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms) VALUES "
-            + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
-            # A commit whose answer was lost runs again: its attempts are already there.
-            + " ON DUPLICATE KEY UPDATE id = id"
-        )
-        for o in outcomes:
-            args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]
+        if outcomes:
+            statements.append(
+                "INSERT INTO message_attempts"
+                " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms) VALUES "
+                + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
+                + " ON DUPLICATE KEY UPDATE id = id"  # the same attempt twice is one attempt
+            )
+            for o in outcomes:
+                args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]
 
-    async def retry_failed(self, message_id: int) -> Row:
-        """Put a ``failed`` message back to ``pending`` with a fresh attempt budget."""
+    async def record_unrecordable(self, outcome: Outcome, reason: str) -> bool:
+        """The last resort for an outcome that cannot be written (e.g. a value out of the column's range): mark
+        its row ``failed`` with ``reason``, touching nothing else, so it does not stay ``sending``."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             changed = await cur.execute(
-                "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL, queued_at = NULL"
-                " WHERE id = %s AND status = 'failed'",
-                (message_id,),
+                "UPDATE messages SET status = 'failed', last_error = %s, next_attempt_at = NULL,"
+                " lease_expires_at = NULL WHERE id = %s AND status = 'sending' AND delivery_token = %s",
+                (reason[:1000], outcome.id, outcome.token),
             )
-        row = await self.get(message_id)
-        if row is None:
-            raise NotFoundError(f"message {message_id} does not exist")
-        if not changed:
-            raise ConflictError(f"message {message_id} is {row['status']}, only a failed message can be retried")
-        return row
-
-    async def sent_with_remote_id(self, after_id: int, limit: int) -> list[tuple[int, str, dt.datetime]]:
-        """``(id, remote_message_id, sent_at)`` of sent rows by id, for rebuilding the Redis cache."""
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT id, remote_message_id, sent_at FROM messages"
-                " WHERE id > %s AND status = 'sent' AND remote_message_id IS NOT NULL ORDER BY id LIMIT %s",
-                (after_id, limit),
-            )
-            return [(int(i), r, s) for i, r, s in await cur.fetchall()]
+        return bool(changed)
 
     # --- the dispatch switch, leadership and ticks -----------------------------------------------
-
-    async def dispatch_state(self) -> Row:
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
-            await cur.execute("SELECT sending, changed_at, leader, last_tick_at FROM dispatch_state WHERE id = 1")
-            row: Row = await cur.fetchone() or {"sending": 1, "changed_at": None, "leader": None, "last_tick_at": None}
-            row["sending"] = bool(row["sending"])
-            return row
-
-    async def is_sending(self) -> bool:
-        return bool((await self.dispatch_state())["sending"])
 
     async def set_sending(self, sending: bool) -> bool:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
@@ -438,7 +428,7 @@ class MessageStore:
                 "UPDATE dispatch_state SET leader = %s, last_tick_at = UTC_TIMESTAMP(6) WHERE id = 1"
                 " AND (leader = %s OR leader IS NULL OR last_tick_at IS NULL"
                 " OR last_tick_at <= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)",
-                (leader, leader, int(interval_seconds * 1_000_000)),
+                (leader, leader, _micros(interval_seconds)),
             )
             return bool(changed)
 

@@ -28,6 +28,9 @@ DEAD_LETTER_QUEUE = "message_sender.dead_letter"
 # Ids per dispatch message: one AMQP message (and one publisher confirm, one ack) carries a chunk of a
 # tick's claim, which cuts the broker's and both services' per-message work by this factor.
 DISPATCH_CHUNK = 50
+# Every publish waits this long for its confirm at most (a broker under a memory or disk alarm blocks
+# publishers instead of refusing them): an unconfirmed publish is then handled like a nacked one.
+PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 class Topology:
@@ -61,7 +64,15 @@ class Topology:
         return failed
 
     async def _publish_chunk(self, ids: list[int]) -> None:
-        await self.dispatch.publish(dispatch_message(ids), routing_key=DISPATCH_ROUTING_KEY, mandatory=True)
+        await self.dispatch.publish(
+            dispatch_message(ids), routing_key=DISPATCH_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
+        )
+
+    async def dispatch_ready(self) -> int:
+        """Messages ready (not yet delivered to a consumer) in the dispatch queue. The topology is declared
+        again for it (idempotent): a queue that was deleted is back, bound, and reported empty."""
+        fresh = await declare(self.channel)
+        return int(fresh.dispatch_queue.declaration_result.message_count or 0)
 
     async def dead_letter_copy(self, body: bytes, headers: Mapping[str, Any]) -> None:
         """Publish a copy of a finished-as-failed message to the dead-letter exchange (confirmed)."""
@@ -73,6 +84,7 @@ class Topology:
                 content_type="application/json",
             ),
             routing_key=DISPATCH_ROUTING_KEY,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
         )
 
 
@@ -99,7 +111,7 @@ async def declare(channel: AbstractChannel) -> Topology:
     return Topology(channel, dispatch, dead_letter, dispatch_queue, dead_letter_queue)
 
 
-async def connect(url: str) -> aio_pika.abc.AbstractRobustConnection:
+async def connect(url: str, name: str = "message-sender") -> aio_pika.abc.AbstractRobustConnection:
     """A robust connection (it reconnects by itself), retried with backoff until RabbitMQ answers.
     A lost connection is logged once, with the retry plan, and its return once."""
     from common.settings import mask_url
@@ -107,7 +119,7 @@ async def connect(url: str) -> aio_pika.abc.AbstractRobustConnection:
     delay = 0.5
     while True:
         try:
-            conn = await aio_pika.connect_robust(url)
+            conn = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
             break
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
             log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", mask_url(url), exc, delay)

@@ -24,19 +24,20 @@ def backoff_seconds(attempt: int, base: float, rng: random.Random | None = None)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
+    """Seconds to wait from a ``Retry-After`` header: ASCII delta-seconds or an HTTP date; None for anything
+    else (absent, empty, ``²``, a negative number, garbage): a header is the other side's input, never trusted."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_BACKOFF_SECONDS)
+    if value.isascii() and value.isdigit():  # "²".isdigit() is True; int("²") raises
+        return MAX_BACKOFF_SECONDS if len(value) > 6 else min(float(int(value)), MAX_BACKOFF_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is not None:
+            when = when.astimezone(dt.UTC).replace(tzinfo=None)
+        return min(max(0.0, (when - now).total_seconds()), MAX_BACKOFF_SECONDS)
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
         return None
-    if when.tzinfo is not None:
-        when = when.astimezone(dt.UTC).replace(tzinfo=None)
-    return min(max(0.0, (when - now).total_seconds()), MAX_BACKOFF_SECONDS)
 
 
 def next_attempt_delay(attempt: int, base: float, retry_after: float | None) -> float:

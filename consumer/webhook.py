@@ -1,16 +1,38 @@
-"""One delivery to the notification service (SPEC section 4), turned into an :class:`Outcome`."""
+"""One delivery to the notification service (SPEC section 4), turned into an :class:`Outcome`.
+
+What an answer means depends on whether the request may have reached the service:
+
+- it provably did not (connection refused or unreachable, connect timeout, a failure before the request
+  was written, a pooled keep-alive connection the server had already closed): retried, nothing was sent;
+- it may have (a timeout or reset after the request was written): the outcome is unknown. At-most-once
+  fails the message ("outcome unknown", never resent); at-least-once retries it with the same
+  ``Idempotency-Key`` so the receiver can de-duplicate;
+- an HTTP answer: 2xx is sent (with the ``messageId`` when the body has one), 408/429/5xx are retried
+  (honouring ``Retry-After``), a redirect is not followed, every other answer fails the message.
+
+Error texts are built from parts that cannot carry the webhook's URL (a webhook.site URL is a secret).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import logging
+import os
+import socket
 import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
-from common.models import Delivery, Outcome, utcnow
+from common.models import Delivery, Outcome, outcome_unknown, utcnow
 from common.settings import Settings
 from consumer import metrics
 from consumer.policy import is_retryable_status, next_attempt_delay, parse_retry_after
@@ -20,49 +42,150 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 MAX_REMOTE_ID = 128
 MAX_ERROR = 1000
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+KEEPALIVE_SECONDS = 15.0  # below the idle timeout of common servers (nginx, aiohttp 75 s; many 60 s; some 20 s)
+
+
+def _peer_closed(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether the other end already closed this idle pooled connection (EOF or reset waiting unread)."""
+    raw = transport.get_extra_info("socket") if transport is not None else None
+    if raw is None:
+        return True
+    try:
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read: the connection is alive
+    except OSError:
+        return True
+
+
+class FreshConnector(aiohttp.TCPConnector):
+    """A pooled connection is only reused when its server has not closed it already: a request written to a
+    connection the server closed while it sat idle never reaches the service, but its failure would look
+    like an unknown outcome. Such a connection is dropped and another one taken (closed before the request
+    went out). What remains is a close racing the request within one round trip, counted as unknown."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            proto = conn.protocol
+            if proto is None or proto not in self._seen:
+                if proto is not None:
+                    self._seen.add(proto)
+                return conn
+            if not _peer_closed(conn.transport):
+                return conn
+            conn.close()  # not back into the pool: the server is gone from it
+
+
+@dataclass
+class Progress:
+    """How far one request got, from aiohttp's tracing signals."""
+
+    connected: bool = False
+    sent: bool = False  # the request's headers were written: the service may have it from here on
+
+
+def _tracer() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+
+    async def connected(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+        ctx.trace_request_ctx.connected = True
+
+    async def sent(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+        ctx.trace_request_ctx.sent = True
+
+    trace.on_connection_create_end.append(connected)
+    trace.on_connection_reuseconn.append(connected)
+    trace.on_request_headers_sent.append(sent)
+    trace.freeze()
+    return trace
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A short text for an exception of the request, without anything it may carry of the URL."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    name = type(exc).__name__
+    code = getattr(exc, "errno", None) or getattr(getattr(exc, "os_error", None), "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return f"{name} [{errno.errorcode[code]}] {os.strerror(code)}"
+    return name
 
 
 class Webhook:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
+        self.url = settings.webhook_url
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()
 
     @staticmethod
     def open_session(settings: Settings) -> aiohttp.ClientSession:
+        """The webhook's session: at most ``CONSUMER_CONCURRENCY`` connections (the consumer holds one of as
+        many slots before each compare-and-set, so a request never waits for a connection and its timeout is
+        the request's own), kept alive for :data:`KEEPALIVE_SECONDS`, fresh ones when the server closed them."""
         return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_seconds),
-            connector=aiohttp.TCPConnector(limit=settings.consumer_concurrency, keepalive_timeout=30),
+            connector=FreshConnector(limit=settings.consumer_concurrency, keepalive_timeout=KEEPALIVE_SECONDS),
+            trace_configs=[_tracer()],
         )
 
-    async def deliver(self, row: Delivery) -> Outcome:
+    async def deliver(self, row: Delivery, token: int) -> Outcome:
         attempt = row.attempts + 1
         started, t0 = utcnow(), time.perf_counter()
+        progress = Progress()
         status: int | None = None
         retry_after: float | None = None
+        location: str | None = None
         try:
             async with self.session.post(
-                self.settings.webhook_url,
+                self.url,
                 data=orjson.dumps({"to": row.recipient, "content": row.content}),
                 headers={**self.headers, "Idempotency-Key": str(row.id)},
                 allow_redirects=False,
+                trace_request_ctx=progress,
             ) as resp:
                 status = resp.status
-                body = await resp.content.read(MAX_BODY)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), utcnow())
-                location = resp.headers.get("Location", "")
+                location = resp.headers.get("Location")
+                body = await _read_body(resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(exc, asyncio.TimeoutError):
-                error = f"timeout after {self.settings.webhook_timeout_seconds:g}s"
+            if status is not None:  # the service answered; only its body was cut: the status decides
+                return self._answered(row, token, attempt, started, status, retry_after, b"", location)
             metrics.WEBHOOK_ANSWERS.labels("error").inc()
-            return self._retry_or_fail(row, attempt, started, None, error, None)
+            what = describe_exception(exc)
+            if not progress.sent:
+                where = "while connecting" if not progress.connected else "before the request was written"
+                return self._retry_or_fail(row, token, attempt, started, None, f"not sent: {what} {where}", None)
+            return self._unknown(row, token, attempt, started, f"{what} after the request was written")
         finally:
             metrics.LATENCY.observe(time.perf_counter() - t0)
+        return self._answered(row, token, attempt, started, status, retry_after, body, location)
+
+    def _answered(
+        self,
+        row: Delivery,
+        token: int,
+        attempt: int,
+        started: dt.datetime,
+        status: int,
+        retry_after: float | None,
+        body: bytes,
+        location: str | None,
+    ) -> Outcome:
         metrics.WEBHOOK_ANSWERS.labels(str(status)).inc()
         finished = utcnow()
+        done: Callable[..., Outcome] = lambda kind, **kw: Outcome(  # noqa: E731
+            row.id, kind, attempt, token, started, finished, status, **kw
+        )
         if 200 <= status <= 299:
             remote_id = _message_id(body)
             if remote_id is None:
@@ -72,25 +195,33 @@ class Webhook:
                     status,
                     extra={"message_id": row.id},
                 )
-            return Outcome(row.id, "sent", attempt, started, finished, status, remote_message_id=remote_id)
+            return done("sent", remote_message_id=remote_id)
+        if status in REDIRECTS and location:
+            return done("failed", error=f"HTTP {status}: redirect to {_origin(location)} not followed")
         if 300 <= status <= 399:
-            return Outcome(
-                row.id,
-                "failed",
-                attempt,
-                started,
-                finished,
-                status,
-                error=_cut(f"HTTP {status}: redirect to {location!r} not followed"),
-            )
+            return done("failed", error=f"HTTP {status}: a {status} answer is not an acceptance; not retried")
         error = _cut(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
         if is_retryable_status(status):
-            return self._retry_or_fail(row, attempt, started, status, error, retry_after)
-        return Outcome(row.id, "failed", attempt, started, finished, status, error=error)
+            return self._retry_or_fail(row, token, attempt, started, status, error, retry_after)
+        return done("failed", error=error)
+
+    def _unknown(self, row: Delivery, token: int, attempt: int, started: dt.datetime, what: str) -> Outcome:
+        """The request may have reached the service: at-least-once tries again (same key), at-most-once fails."""
+        if self.settings.is_at_least_once:
+            return self._retry_or_fail(row, token, attempt, started, None, outcome_unknown(what, resent=True), None)
+        error = outcome_unknown(what, resent=False)
+        return Outcome(row.id, "failed", attempt, token, started, utcnow(), None, error=error)
+
+    def unexpected(self, row: Delivery, token: int, exc: BaseException) -> Outcome:
+        """An outcome for a bug after the compare-and-set (the row must not stay ``sending``): whether the
+        request went out is unknown, so the guarantee's rule for an unknown outcome applies."""
+        now = utcnow()
+        return self._unknown(row, token, row.attempts + 1, now, f"internal error ({type(exc).__name__})")
 
     def _retry_or_fail(
         self,
         row: Delivery,
+        token: int,
         attempt: int,
         started: dt.datetime,
         status: int | None,
@@ -99,26 +230,43 @@ class Webhook:
     ) -> Outcome:
         finished = utcnow()
         if attempt >= self.settings.max_attempts:
-            return Outcome(
-                row.id,
-                "failed",
-                attempt,
-                started,
-                finished,
-                status,
-                error=_cut(f"gave up after {attempt} attempts; last: {error}"),
-            )
+            error = _cut(f"gave up after {attempt} attempts; last: {error}")
+            return Outcome(row.id, "failed", attempt, token, started, finished, status, error=error)
         delay = next_attempt_delay(attempt, self.settings.retry_base_seconds, retry_after)
         return Outcome(
             row.id,
             "retry",
             attempt,
+            token,
             started,
             finished,
             status,
             error=_cut(error),
             next_attempt_at=finished + dt.timedelta(seconds=delay),
         )
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body up to :data:`MAX_BODY` (a body sent in several pieces is read to its end); beyond the
+    limit the rest is not read."""
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_BODY:
+        chunk = await resp.content.read(MAX_BODY - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+def _origin(location: str) -> str:
+    """``scheme://host`` of a redirect target (its path and query may be secrets)."""
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return "an invalid URL"
+    return f"{parts.scheme}://{parts.hostname}" if parts.scheme and parts.hostname else "a relative URL"
 
 
 def _message_id(body: bytes) -> str | None:

@@ -13,8 +13,9 @@ requests, through the environment at start (``STANDIN_DELAY_MS``, ``STANDIN_FAIL
   ``script`` (a list of answers served first, in order, e.g. ``[{"status": 500}, {"status": 202}]``;
   an answer may carry ``delay_ms``, ``retry_after``, ``body``, ``hang``, ``reset`` (drop the connection
   with a TCP reset instead of answering), ``location`` (a ``Location`` header, for redirects),
-  ``huge`` (a body of that many bytes)), ``mix`` (a list of ``[weight, answer]`` pairs: when no script
-  is left, each request draws one of these answers at random instead of the rates above).
+  ``huge`` (a body of that many bytes), ``headers`` (extra response headers, any values), ``chunks`` (a body
+  written piece by piece: ``[[delay_ms, text], ...]``, chunked)), ``mix`` (a list of ``[weight, answer]``
+  pairs: when no script is left, each request draws one of these answers at random instead of the rates above).
 - ``GET /_control/received`` (``?keys=1`` for just the Idempotency-Keys), ``GET /_control/stats``,
   ``POST /_control/reset``, ``GET /_control/health``.
 """
@@ -98,13 +99,15 @@ class StandIn:
             return self._reset(request)
         record["status"] = status
         self.answered[status] += 1
-        headers = {}
+        headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
         if answer.get("retry_after") is not None:
             headers["Retry-After"] = str(answer["retry_after"])
         if answer.get("location"):
             headers["Location"] = str(answer["location"])
         if answer.get("huge"):
             return await self._huge(request, status, headers, int(answer["huge"]), message_id)
+        if answer.get("chunks") is not None:
+            return await self._chunked(request, status, headers, answer["chunks"], message_id)
         if "body" in answer:
             body = answer["body"]
             data = body.encode() if isinstance(body, str) else orjson.dumps(body)
@@ -145,6 +148,23 @@ class StandIn:
             await resp.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client read what it wanted and hung up
+        return resp
+
+    @staticmethod
+    async def _chunked(
+        request: web.Request, status: int, headers: dict[str, str], chunks: list[Any], message_id: str
+    ) -> web.StreamResponse:
+        """A body in pieces, each after its delay (``{messageId}`` in a piece is replaced by the message id)."""
+        resp = web.StreamResponse(status=status, headers={**headers, "Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        try:
+            await resp.prepare(request)
+            for delay_ms, text in chunks:
+                await asyncio.sleep(float(delay_ms) / 1000)
+                await resp.write(str(text).replace("{messageId}", message_id).encode())
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client gave up
         return resp
 
     def _draw(self) -> dict[str, Any]:

@@ -34,6 +34,16 @@ ID_PARAMETER = {
 }
 
 
+FORCE_PARAMETER = {
+    "in": "query",
+    "name": "force",
+    "required": False,
+    "type": "string",
+    "enum": ["true", "false"],
+    "description": "`true` to retry a message whose outcome is unknown (it may arrive twice).",
+}
+
+
 DETAIL_FIELDS = tuple(MessageDetailSchema._declared_fields)
 ATTEMPT_FIELDS = tuple(AttemptSchema._declared_fields)
 
@@ -160,7 +170,9 @@ async def get_message(request: web.Request) -> web.Response:
 @docs(
     tags=["messages"],
     summary="Retry a failed message",
-    description="Puts a `failed` message back to `pending` with a fresh attempt budget.",
+    description="Puts a `failed` message back to `pending` with a fresh attempt budget. A message that failed with "
+    "an unknown outcome (`last_error` starts with `outcome unknown`) may already have reached the notification "
+    "service: retrying it needs `force=true` (409 without), since it may then arrive twice.",
     security=SECURITY,
     responses={
         "200": {
@@ -170,12 +182,15 @@ async def get_message(request: web.Request) -> web.Response:
         },
         **error_responses(401, 403, 404, 409, 422),
     },
-    parameters=[ID_PARAMETER],
+    parameters=[ID_PARAMETER, FORCE_PARAMETER],
 )
 @protected
 async def retry_message(request: web.Request) -> web.Response:
     message_id = _message_id(request)
-    return json_response(detail(await request.app[STORE].retry_failed(message_id)))
+    raw = request.query.get("force", "false")
+    if raw not in ("true", "false"):
+        raise invalid("force", "must be true or false", value=raw[:100])
+    return json_response(detail(await request.app[STORE].retry_failed(message_id, force=raw == "true")))
 
 
 def add_routes(app: web.Application) -> None:

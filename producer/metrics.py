@@ -10,3 +10,4 @@ CLAIMED = Counter("producer_claimed_total", "Messages claimed (pending -> queued
 PUBLISHED = Counter("producer_published_total", "Claimed messages published with a confirm")
 REPUBLISHED = Counter("producer_stale_republished_total", "Stale claims published again")
 RELEASED = Counter("producer_released_total", "Claims put back to pending because their publish was not confirmed")
+SWEPT = Counter("producer_swept_total", "Sending rows settled by the sweep after their lease ran out")

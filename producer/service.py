@@ -3,6 +3,11 @@
 Leadership is a MySQL named lock held on a dedicated connection: however many replicas run, one claims
 per tick, so the global rate stays ``SEND_BATCH_SIZE`` per interval; when the leader dies its connection
 (and so its lock) goes, and another replica takes over on its next tick.
+
+Between ticks (every :data:`MAINTENANCE_SECONDS` at most) the leader also gives every row in flight its way
+out: ``sending`` rows whose lease ran out are settled (:meth:`~common.store.MessageStore.sweep_sending`),
+``queued`` rows whose AMQP message may be lost are published again. Every wait is bounded: a tick has a
+deadline, every publish a confirm timeout.
 """
 
 from __future__ import annotations
@@ -13,23 +18,32 @@ import hashlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import aio_pika
 import aiomysql
+import orjson
 import pymysql
 
 from common import topology
-from common.db import connect_kwargs, pool_ctx
+from common.db import connect_kwargs, error_text, is_transient, pool_ctx
 from common.metrics import start_listener
 from common.migrations import migrate
 from common.settings import Settings
-from common.store import LeaderLock, MessageStore
+from common.store import LeaderLock, MessageStore, Swept
 from producer import metrics
 
 log = logging.getLogger(__name__)
 
-DB_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError, asyncio.TimeoutError)
+MAINTENANCE_SECONDS = 1.0  # how often the leader sweeps expired sending leases (and looks at stale claims)
+TICK_DEADLINE_SECONDS = topology.PUBLISH_TIMEOUT_SECONDS + 20  # a tick that takes longer is abandoned
+SWEEP_LIMIT = 500
+# /healthz turns unhealthy when the loop has not come round for this long beyond its deadline, or RabbitMQ
+# has been away this long.
+STALL_SECONDS = 30.0
+AMQP_DOWN_UNHEALTHY_SECONDS = 60.0
 
 
 def leader_lock_name(database: str) -> str:
@@ -46,6 +60,7 @@ class TickReport:
     published: int = 0
     released: int = 0
     republished: int = 0
+    swept: int = 0
 
 
 class Producer:
@@ -56,6 +71,8 @@ class Producer:
         self.leading = False
         self.ready = False
         self.next_stale_check = 0.0
+        self.last_loop = time.monotonic()
+        self.amqp_down_since: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -66,30 +83,63 @@ class Producer:
             pool: aiomysql.Pool = await stack.enter_async_context(pool_ctx(s, maxsize=4))
             await migrate(pool)
             self.store = MessageStore(pool)
-            conn = await topology.connect(s.amqp_url.reveal())
+            conn = await topology.connect(s.amqp_url.reveal(), name="message-sender producer")
             stack.push_async_callback(conn.close)
+            conn.close_callbacks.add(lambda *_: self._amqp_down())
+            conn.reconnect_callbacks.add(lambda *_: setattr(self, "amqp_down_since", None))
             self.topology = await topology.open_channel(conn)
-            stack.push_async_callback(self._drop_lock)
+            stack.callback(self._drop_lock)
             self.ready = True
             log.info("producer %s ticking every %gs, batch %d", self.name, s.send_interval_seconds, s.send_batch_size)
             await self._loop(stop)
 
+    def _amqp_down(self) -> None:
+        if self.amqp_down_since is None:
+            self.amqp_down_since = time.monotonic()
+
     def health(self) -> dict[str, object]:
-        return {"status": "ok" if self.ready else "starting", "leader": self.leading}
+        """``ok`` while the loop comes round; unhealthy when it is stuck or RabbitMQ has been away for long."""
+        now = time.monotonic()
+        problems = []
+        bound = min(self.settings.send_interval_seconds, MAINTENANCE_SECONDS) + TICK_DEADLINE_SECONDS + STALL_SECONDS
+        if self.ready and now - self.last_loop > bound:
+            problems.append(f"the tick loop has not come round for {now - self.last_loop:.0f}s")
+        if self.amqp_down_since is not None and now - self.amqp_down_since > AMQP_DOWN_UNHEALTHY_SECONDS:
+            problems.append(f"RabbitMQ unreachable for {now - self.amqp_down_since:.0f}s")
+        status = "unhealthy" if problems else ("ok" if self.ready else "starting")
+        return {"status": status, "leader": self.leading, "problems": problems}
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        """Tick at start-up and then on a fixed schedule (no drift; a late tick does not cause a burst)."""
+        """Tick at start-up and then on a fixed schedule (no drift; a late tick does not cause a burst); in
+        between, wake every :data:`MAINTENANCE_SECONDS` for the leader's sweeps."""
         loop = asyncio.get_running_loop()
         interval = self.settings.send_interval_seconds
         due = loop.time()
         while not stop.is_set():
-            await self.tick()
-            due += interval
-            now = loop.time()
-            if due < now:  # the tick overran: skip the missed slots instead of catching up
-                due = now + interval - (now - due) % interval
+            self.last_loop = time.monotonic()
+            if loop.time() >= due:
+                await self._bounded(self.tick(), "tick")
+                due += interval
+                now = loop.time()
+                if due < now:  # the tick overran: skip the missed slots instead of catching up
+                    due = now + interval - (now - due) % interval
+            elif self.leading:
+                await self._bounded(self.maintain(TickReport(leader=True)), "sweep")
+            wait = min(due, loop.time() + MAINTENANCE_SECONDS) - loop.time()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=due - now)
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, wait))
+
+    async def _bounded(self, work: Awaitable[object], what: str) -> None:
+        try:
+            await asyncio.wait_for(work, TICK_DEADLINE_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "%s abandoned after %gs (a dependency hangs); claims it made stay queued until re-published",
+                what,
+                TICK_DEADLINE_SECONDS,
+            )
+        except Exception as exc:
+            self._failed(what, exc)
 
     async def tick(self) -> TickReport:
         report = TickReport()
@@ -104,62 +154,105 @@ class Producer:
                 metrics.SENDING.set(1 if report.sending else 0)
                 if report.sending:
                     await self._dispatch(report)
-        except DB_ERRORS as exc:
-            metrics.SKIPPED.labels("mysql").inc()
-            log.warning(
-                "tick skipped: MySQL unavailable (%s); next tick in %gs", exc, self.settings.send_interval_seconds
-            )
-            await self._drop_lock()
-            return report
-        except aio_pika.exceptions.AMQPError as exc:
-            metrics.SKIPPED.labels("rabbitmq").inc()
-            log.warning(
-                "tick incomplete: RabbitMQ unavailable (%s); next tick in %gs", exc, self.settings.send_interval_seconds
-            )
+                await self.maintain(report)
+        except Exception as exc:
+            self._failed("tick", exc)
             return report
         log.info(
-            "tick: %s, sending %s, claimed %d, published %d, released %d, stale re-published %d",
+            "tick: %s, sending %s, claimed %d, published %d, released %d, stale re-published %d, swept %d",
             "leader" if report.leader else "standby",
             {None: "-", True: "on", False: "off"}[report.sending],
             report.claimed,
             report.published,
             report.released,
             report.republished,
+            report.swept,
             extra={"leader": report.leader, "claimed": report.claimed},
         )
         return report
 
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Log a failed tick or sweep by kind: an outage once per tick with the plan; a real MySQL error (a bug
+        or a misconfiguration, never retried into silence) with its number; anything else with its traceback."""
+        interval = self.settings.send_interval_seconds
+        if is_transient(exc):
+            metrics.SKIPPED.labels("mysql").inc()
+            log.warning("%s skipped: MySQL unavailable (%s); next tick in %gs", what, exc, interval)
+            self._drop_lock()
+        elif isinstance(exc, aio_pika.exceptions.AMQPError | ConnectionError):
+            metrics.SKIPPED.labels("rabbitmq").inc()
+            log.warning("%s incomplete: RabbitMQ unavailable (%r); next tick in %gs", what, exc, interval)
+        elif isinstance(exc, pymysql.err.MySQLError):
+            metrics.SKIPPED.labels("mysql_error").inc()
+            log.error("%s failed: %s; next tick in %gs", what, error_text(exc), interval)
+        else:
+            metrics.SKIPPED.labels("error").inc()
+            log.error("%s failed unexpectedly; next tick in %gs", what, interval, exc_info=exc)
+
     async def _dispatch(self, report: TickReport) -> None:
-        s = self.settings
-        ids = await self.store.claim(s.send_batch_size)
+        ids = await self.store.claim(self.settings.send_batch_size)
         report.claimed = len(ids)
         metrics.CLAIMED.inc(len(ids))
         if ids:
-            failed = await self.topology.publish_ids(ids)
-            if failed:
-                report.released = await self.store.release(failed)
-                metrics.RELEASED.inc(report.released)
-            report.published = len(ids) - len(failed)
+            report.published, report.released = await self._publish(ids)
             metrics.PUBLISHED.inc(report.published)
-        # Looking for stale claims scans every queued row: at a short interval with a deep backlog, doing it
-        # every tick cost MariaDB more than everything else. A quarter of the lease (at most 10 s) is soon
-        # enough for claims that are only stale after a whole lease.
+
+    async def _publish(self, ids: list[int], fresh: bool = True) -> tuple[int, int]:
+        """Publish claims and record which were confirmed; a fresh claim whose publish failed goes back to
+        ``pending`` (a re-published one stays ``queued``, unconfirmed, for the next stale check)."""
+        failed = await self.topology.publish_ids(ids)
+        await self.store.mark_published([i for i in ids if i not in set(failed)])
+        released = 0
+        if failed and fresh:
+            released = await self.store.release(failed)
+            metrics.RELEASED.inc(released)
+        return len(ids) - len(failed), released
+
+    async def maintain(self, report: TickReport) -> None:
+        """The leader's sweeps: settle ``sending`` rows whose lease ran out; re-publish lost claims (at most
+        every quarter lease, <= 10 s: looking scans the queued rows)."""
+        s = self.settings
+        swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT)
+        report.swept = len(swept)
+        if swept:
+            metrics.SWEPT.inc(len(swept))
+            log.warning(
+                "settled %d sending rows whose lease ran out (%d sent again, at-least-once; %d failed): %s",
+                len(swept),
+                sum(w.kind == "retry" for w in swept),
+                sum(w.kind == "failed" for w in swept),
+                [w.id for w in swept][:20],
+                extra={"message_ids": [w.id for w in swept]},
+            )
+            for row in swept:
+                if row.kind == "failed":
+                    await self._dead_letter_copy(row)
         now = asyncio.get_running_loop().time()
-        if now < self.next_stale_check:
+        if now < self.next_stale_check or report.sending is False:
             return
         self.next_stale_check = now + max(s.send_interval_seconds, min(s.claim_lease_seconds / 4, 10.0))
-        stale = await self.store.reclaim_stale(s.claim_lease_seconds, max(s.send_batch_size, 100))
+        if report.sending is None and not await self.store.is_sending():
+            return
+        queue_empty = await self.topology.dispatch_ready() == 0
+        stale = await self.store.reclaim_stale(s.claim_lease_seconds, max(s.send_batch_size, 100), queue_empty)
         if stale:
             log.warning(
-                "re-publishing %d claims older than %gs: %s",
+                "re-publishing %d claims whose AMQP message may be lost (older than %gs): %s",
                 len(stale),
                 s.claim_lease_seconds,
                 stale[:20],
                 extra={"message_ids": stale},
             )
-            failed = await self.topology.publish_ids(stale)
-            report.republished = len(stale) - len(failed)
+            report.republished, _ = await self._publish(stale, fresh=False)
             metrics.REPUBLISHED.inc(report.republished)
+
+    async def _dead_letter_copy(self, row: Swept) -> None:
+        copy = {"id": row.id, "recipient": row.recipient, "content": row.content, "error": row.error}
+        body = orjson.dumps({**copy, "attempts": row.attempt})
+        try:
+            await self.topology.dead_letter_copy(body, {"x-reason": "failed", "x-error": row.error})
+        except Exception as exc:  # the row says failed; the copy is a convenience
+            log.warning("message %d: dead-letter copy not published (%r)", row.id, exc, extra={"message_id": row.id})
 
     async def _lead(self) -> bool:
         if self.lock is None:
@@ -172,7 +265,7 @@ class Producer:
         metrics.LEADER.set(1 if leader else 0)
         return leader
 
-    async def _drop_lock(self) -> None:
+    def _drop_lock(self) -> None:
         """Close the lock's connection (the server releases the lock with it)."""
         if self.lock is not None:
             self.lock.conn.close()

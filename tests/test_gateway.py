@@ -40,7 +40,7 @@ async def send(store: MessageStore, n: int, per_commit: int | None = None) -> li
         now = utcnow()
         await store.record_outcomes(
             [
-                Outcome(m, "sent", 1, now - dt.timedelta(milliseconds=5), now, 202, remote_message_id=f"r-{m}")
+                Outcome(m, "sent", 1, 1, now - dt.timedelta(milliseconds=5), now, 202, remote_message_id=f"r-{m}")
                 for m in ids[start : start + step]
             ]
         )
@@ -55,7 +55,7 @@ async def fail(store: MessageStore) -> int:
         await store.begin_sending([(mid, attempt)])
         now = utcnow()
         due = now - dt.timedelta(seconds=1) if kind == "retry" else None
-        outcome = Outcome(mid, kind, attempt, now, now, status, error=f"HTTP {status}", next_attempt_at=due)
+        outcome = Outcome(mid, kind, attempt, attempt, now, now, status, error=f"HTTP {status}", next_attempt_at=due)
         await store.record_outcomes([outcome])
     row = await store.get(mid)
     assert row is not None and row["status"] == "failed"

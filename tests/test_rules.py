@@ -8,38 +8,32 @@ import pytest
 
 from common.batching import Batcher
 from common.errors import ValidationError
-from common.models import Action, decide, validate_content, validate_recipient
+from common.models import Delivery, is_outcome_unknown, outcome_unknown, validate_content, validate_recipient
 from consumer.policy import backoff_seconds, is_retryable_status, next_attempt_delay, parse_retry_after
 from consumer.service import parse_body
 
 
 @pytest.mark.parametrize(
-    ("status", "redelivered", "at_least_once", "action"),
+    ("status", "token", "sends"),
     [
-        ("queued", False, False, Action.DROP),  # still queued but not won by this delivery
-        ("sending", False, False, Action.DROP),  # someone else is sending it right now
-        ("sending", True, False, Action.FAIL_UNKNOWN),  # its consumer died mid-request
-        ("sending", True, True, Action.SEND),
-        ("sent", True, True, Action.DROP),
-        ("failed", False, False, Action.DROP),
-        ("pending", False, False, Action.DROP),
-        (None, False, False, Action.DROP),
+        ("sending", 7, True),  # this delivery's compare-and-set moved the row: it sends
+        ("sending", 8, False),  # another delivery is sending it (or a crashed one: the lease's sweep settles it)
+        ("queued", 7, False),
+        ("sent", 7, False),  # a re-run after the outcome commit: never twice
+        ("failed", 7, False),
+        ("pending", 7, False),  # sending was stopped or the row went back for a retry
     ],
 )
-def test_decide(status: str | None, redelivered: bool, at_least_once: bool, action: Action) -> None:
-    assert decide(status, redelivered, at_least_once) is action
+def test_only_the_winner_of_the_compare_and_set_sends(status: str, token: int, sends: bool) -> None:
+    assert Delivery(1, "+905551111111", "hi", status, 0, token).won_by(7) is sends
 
 
-def test_a_redelivery_waits_out_the_lease_of_a_delivery_that_may_still_be_in_flight() -> None:
-    assert decide("sending", True, False, sending_for=3, lease=10) is Action.WAIT
-    assert decide("sending", True, False, sending_for=11, lease=10) is Action.FAIL_UNKNOWN
-    assert decide("sending", True, True, sending_for=11, lease=10) is Action.SEND
-    assert decide("sending", False, False, sending_for=3, lease=10) is Action.DROP
-
-
-def test_the_winner_of_the_compare_and_set_sends() -> None:
-    assert decide("sending", False, False, won=True) is Action.SEND
-    assert decide("sending", True, False, won=True) is Action.SEND
+def test_outcome_unknown_says_what_happened_and_what_follows() -> None:
+    assert outcome_unknown("timeout after the request was written", resent=False) == (
+        "outcome unknown: timeout after the request was written; not resent (at-most-once)"
+    )
+    assert is_outcome_unknown(outcome_unknown("x", resent=True))
+    assert not is_outcome_unknown("HTTP 400: bad number") and not is_outcome_unknown(None)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
@@ -55,6 +49,7 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("7", now) == 7
     assert parse_retry_after("Sun, 29 Nov 2026 08:00:30 GMT", now) == 30
     assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(" 7 ", now) == 7
     assert parse_retry_after(None, now) is None
     assert next_attempt_delay(1, 0.1, 30) == 30
 

@@ -5,9 +5,11 @@ import datetime as dt
 
 import aiomysql
 import orjson
+import pytest
 
 from common.db import create_pool
-from common.models import Action, Outcome, decide, utcnow
+from common.errors import ConflictError
+from common.models import Outcome, utcnow
 from common.settings import Settings
 from common.store import MessageStore
 from tests.conftest import sql
@@ -69,23 +71,43 @@ async def test_exactly_one_concurrent_compare_and_set_wins(settings: Settings, s
         for p in pools:
             p.close()
             await p.wait_closed()
-    actions = [decide(r[mid].status, False, False, r[mid].token == token) for token, r in enumerate(results, start=1)]
-    assert actions.count(Action.SEND) == 1 and actions.count(Action.DROP) == 9
+    won = [r[mid].won_by(token) for token, r in enumerate(results, start=1)]
+    assert won.count(True) == 1
     assert (await store.get(mid))["status"] == "sending"
     # The winner running its compare-and-set again (its answer was lost) still finds the row its own.
-    winner = actions.index(Action.SEND) + 1
+    winner = won.index(True) + 1
     assert (await store.begin_sending([(mid, winner)]))[mid].token == winner
 
 
 async def test_stale_claims_found_after_the_lease_not_before(store: MessageStore, settings: Settings) -> None:
     ids = await seed(store, 2)
     await store.claim(2)
-    assert await store.reclaim_stale(lease_seconds=60, limit=10) == []
+    assert await store.reclaim_stale(lease_seconds=60, limit=10, queue_empty=True) == []
     await sql(
         settings, "UPDATE messages SET queued_at = UTC_TIMESTAMP(6) - INTERVAL 61 SECOND WHERE id = %s", (ids[1],)
     )
-    assert await store.reclaim_stale(lease_seconds=60, limit=10) == [ids[1]]
-    assert await store.reclaim_stale(lease_seconds=60, limit=10) == [], "the lease was renewed"
+    assert await store.reclaim_stale(lease_seconds=60, limit=10, queue_empty=False) == [ids[1]]
+    assert await store.reclaim_stale(lease_seconds=60, limit=10, queue_empty=True) == [], "the lease was renewed"
+
+
+async def test_only_claims_never_confirmed_are_republished_while_the_queue_has_work(
+    store: MessageStore, settings: Settings
+) -> None:
+    """A confirmed claim that waits behind a backlog is not published again (a slow consumer causes no extra
+    copies); once the queue holds nothing ready, a confirmed claim past the lease was lost with its message.
+    A row set to queued by hand without a claim time is stale at once."""
+    confirmed, unconfirmed, by_hand = await seed(store, 3)
+    await store.claim(2)
+    await store.mark_published([confirmed])
+    await sql(settings, "UPDATE messages SET status = 'queued', queued_at = NULL WHERE id = %s", (by_hand,))
+    await sql(
+        settings,
+        "UPDATE messages SET queued_at = queued_at - INTERVAL 61 SECOND, published_at ="
+        " published_at - INTERVAL 61 SECOND WHERE id IN (%s, %s)",
+        (confirmed, unconfirmed),
+    )
+    assert sorted(await store.reclaim_stale(60, 10, queue_empty=False)) == sorted([unconfirmed, by_hand])
+    assert await store.reclaim_stale(60, 10, queue_empty=True) == [confirmed]
 
 
 async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageStore) -> None:
@@ -96,9 +118,9 @@ async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageS
     t1 = t0 + dt.timedelta(milliseconds=30)
     await store.record_outcomes(
         [
-            Outcome(a, "sent", 1, t0, t1, 202, remote_message_id="rid-a"),
-            Outcome(b, "retry", 1, t0, t1, 503, error="HTTP 503", next_attempt_at=t1 + dt.timedelta(seconds=5)),
-            Outcome(c, "failed", 1, t0, t1, 400, error="HTTP 400"),
+            Outcome(a, "sent", 1, 1, t0, t1, 202, remote_message_id="rid-a"),
+            Outcome(b, "retry", 1, 1, t0, t1, 503, error="HTTP 503", next_attempt_at=t1 + dt.timedelta(seconds=5)),
+            Outcome(c, "failed", 1, 1, t0, t1, 400, error="HTTP 400"),
         ]
     )
     row_a, row_b, row_c = [await store.get(i) for i in (a, b, c)]
@@ -110,8 +132,8 @@ async def test_outcomes_move_rows_record_attempts_and_count_sent(store: MessageS
     # A second outcome for a row that is no longer sending (a duplicate) moves nothing.
     await store.record_outcomes(
         [
-            Outcome(a, "sent", 2, t0, t1, 202, remote_message_id="x"),
-            Outcome(c, "retry", 2, t0, t1, 500, error="x", next_attempt_at=t1),
+            Outcome(a, "sent", 2, 1, t0, t1, 202, remote_message_id="x"),
+            Outcome(c, "retry", 2, 1, t0, t1, 500, error="x", next_attempt_at=t1),
         ]
     )
     assert await store.sent_total() == 1
@@ -125,11 +147,11 @@ async def test_sent_pages_by_offset_and_cursor_agree_and_sent_at_never_goes_back
     stamps = []
     for group in (ids[:10], ids[10:11], ids[11:]):  # three group commits
         now = utcnow()
-        stamps.append(
-            await store.record_outcomes(
-                [Outcome(m, "sent", 1, now, now, 202, remote_message_id=f"r{m}") for m in group]
-            )
+        recorded = await store.record_outcomes(
+            [Outcome(m, "sent", 1, 1, now, now, 202, remote_message_id=f"r{m}") for m in group]
         )
+        (stamp,) = set(recorded.sent_at.values())  # one sent_at per commit
+        stamps.append(stamp)
     assert stamps == sorted(stamps) and len(set(stamps)) == 3, "each commit's sent_at is later than the last"
     full = await store.sent_page(100)
     rows = orjson.loads(full.json)
@@ -159,6 +181,57 @@ async def test_retry_failed(store: MessageStore, pool: aiomysql.Pool) -> None:
     await store.claim(1)
     await store.begin_sending([(i, 1) for i in [mid]])
     now = utcnow()
-    await store.record_outcomes([Outcome(mid, "failed", 1, now, now, 400, error="HTTP 400")])
+    await store.record_outcomes([Outcome(mid, "failed", 1, 1, now, now, 400, error="HTTP 400")])
     row = await store.retry_failed(mid)
     assert (row["status"], row["attempts"]) == ("pending", 0)
+
+
+async def test_a_late_outcome_cannot_overwrite_what_the_sweep_decided(store: MessageStore, settings: Settings) -> None:
+    """Fencing: the sweep settles a row whose lease ran out (its delivery is taken for lost); the delivery's own
+    outcome arriving afterwards changes nothing and is reported as fenced."""
+    (mid,) = await seed(store, 1)
+    await store.claim(1)
+    await store.begin_sending([(mid, 42)], lease_seconds=0.001)
+    await asyncio.sleep(0.01)  # the lease is a millisecond: let it lapse
+    (swept,) = await store.sweep_sending(max_attempts=5, limit=10)
+    assert (swept.id, swept.kind) == (mid, "failed") and swept.error.startswith("outcome unknown")
+    now = utcnow()
+    recorded = await store.record_outcomes([Outcome(mid, "sent", 1, 42, now, now, 202, remote_message_id="late")])
+    assert [o.id for o in recorded.fenced] == [mid] and not recorded.sent_at
+    row = await store.get(mid)
+    assert (row["status"], row["remote_message_id"], row["attempts"]) == ("failed", None, 1)
+    assert [a["outcome"] for a in row["attempt_log"]] == ["failed"], "one attempt recorded, the sweep's"
+    assert await store.sent_total() == 0
+
+
+async def test_the_sweep_leaves_live_leases_alone_and_resends_under_at_least_once(
+    store: MessageStore, settings: Settings
+) -> None:
+    live, lapsed, last_try, by_hand = await seed(store, 4)
+    await store.claim(4)
+    await store.begin_sending([(live, 1)], lease_seconds=60, at_least_once=True)
+    await store.begin_sending([(lapsed, 1), (last_try, 1)], lease_seconds=0.001, at_least_once=True)
+    await sql(settings, "UPDATE messages SET attempts = 4 WHERE id = %s", (last_try,))
+    await sql(settings, "UPDATE messages SET status = 'sending', lease_expires_at = NULL WHERE id = %s", (by_hand,))
+    await asyncio.sleep(0.01)
+    swept = {s.id: s for s in await store.sweep_sending(max_attempts=5, limit=10)}
+    assert set(swept) == {lapsed, last_try, by_hand}
+    assert swept[by_hand].kind == "failed", "no guarantee recorded: at-most-once"
+    assert swept[lapsed].kind == "retry" and "sent again with the same Idempotency-Key" in swept[lapsed].error
+    assert swept[last_try].kind == "failed" and swept[last_try].error.startswith("gave up after 5 attempts")
+    rows = {
+        r[0]: r[1:] for r in await sql(settings, "SELECT id, status, next_attempt_at <= UTC_TIMESTAMP(6) FROM messages")
+    }
+    assert rows[live] == ("sending", None) and rows[lapsed] == ("pending", 1) and rows[last_try][0] == "failed"
+    assert await store.claim(10) == [lapsed], "due again at once, in the normal batches"
+
+
+async def test_retrying_a_message_whose_outcome_is_unknown_needs_force(store: MessageStore) -> None:
+    (mid,) = await seed(store, 1)
+    await store.claim(1)
+    await store.begin_sending([(mid, 1)], lease_seconds=0.001)
+    await asyncio.sleep(0.01)
+    await store.sweep_sending(max_attempts=5, limit=10)
+    with pytest.raises(ConflictError, match="force=true"):
+        await store.retry_failed(mid)
+    assert (await store.retry_failed(mid, force=True))["status"] == "pending"

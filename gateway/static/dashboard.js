@@ -230,7 +230,8 @@
       ...rows.map((m) => {
         const button = el("button", { type: "button", class: "retry", "aria-label": `Retry message ${m.id}` });
         button.textContent = "Retry";
-        button.addEventListener("click", () => retry(m.id, button));
+        const unknown = (m.last_error || "").startsWith("outcome unknown");
+        button.addEventListener("click", () => retry(m.id, button, unknown));
         return el(
           "tr",
           { "data-id": String(m.id) },
@@ -368,10 +369,13 @@
     }
   }
 
-  async function retry(id, button) {
+  async function retry(id, button, unknown) {
+    // An unknown outcome may already have reached the service: sending it again needs an explicit yes.
+    const question = `Message ${id} may already have been delivered (its outcome is unknown). Send it again anyway? It may arrive twice.`;
+    if (unknown && !window.confirm(question)) return;
     button.disabled = true;
     try {
-      const response = await authorized("POST", `/messages/${id}/retry`);
+      const response = await authorized("POST", `/messages/${id}/retry${unknown ? "?force=true" : ""}`);
       if (!response) return;
       if (!response.ok) return notice(`Could not retry message ${id}: ${await errorText(response)}`, true);
       notice(`Message ${id} is pending again; it goes out in a coming batch.`);

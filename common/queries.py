@@ -1,0 +1,186 @@
+"""The read queries of message-sender (the gateway's lists, details and statistics, the cache backfill).
+
+They never change a row; the transitions of the pipeline are in :mod:`common.store`, whose
+:class:`~common.store.MessageStore` extends this class.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import aiomysql
+import orjson
+
+from common.models import Status
+
+MESSAGE_COLUMNS = "id, recipient, content, status, remote_message_id, attempts, created_at, sent_at"
+DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, updated_at"
+ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms"
+
+Row = dict[str, Any]
+_EPOCH = dt.datetime(1970, 1, 1)
+_ISO = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
+_SENT_JSON = (
+    "JSON_OBJECT('id', id, 'recipient', recipient, 'content', content, 'status', status,"
+    " 'remote_message_id', remote_message_id, 'attempts', attempts,"
+    f" 'created_at', DATE_FORMAT(created_at, {_ISO}), 'sent_at', DATE_FORMAT(sent_at, {_ISO}))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SentPage:
+    total: int  # all sent messages
+    json: str  # the page as a JSON array
+    count: int  # rows on the page
+    last_key: str | None  # "<sent_at micros>:<id>" of the last row, for the next cursor
+
+
+class MessageQueries:
+    def __init__(self, pool: aiomysql.Pool) -> None:
+        self.pool = pool
+
+    async def get(self, message_id: int) -> Row | None:
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(f"SELECT {DETAIL_COLUMNS} FROM messages WHERE id = %s", (message_id,))
+            row: Row | None = await cur.fetchone()
+            if row is None:
+                return None
+            await cur.execute(
+                f"SELECT {ATTEMPT_COLUMNS} FROM message_attempts WHERE message_id = %s ORDER BY id",
+                (message_id,),
+            )
+            row["attempt_log"] = list(await cur.fetchall())
+            return row
+
+    async def sent_page(self, limit: int, offset: int = 0, after: tuple[int, int] | None = None) -> SentPage:
+        """A page of sent messages, newest first, already as a JSON array, with the total, in one round trip.
+
+        Sent rows are numbered (``sent_seq`` 1, 2, ...) in the commit that marks them, in ``(sent_at, id)``
+        order, so an offset page is a range of ``sent_seq``: as fast at offset 500,000 as at 0. ``after``
+        (``(sent_at in microseconds since the epoch, id)`` of the previous page's last row) continues a
+        walk that new sends cannot shift. Rows come out as ``JSON_OBJECT`` text: no per-column decoding."""
+        if after is None:
+            where = "sent_seq <= (SELECT value FROM counters WHERE name = 'sent') - %s"
+            args: list[Any] = [offset]
+            order = "sent_seq DESC"
+        else:
+            at = _EPOCH + dt.timedelta(microseconds=after[0])
+            # The index hint and the redundant bound make it a range scan starting at the cursor; without them
+            # MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms 150,000 rows deep).
+            where = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)"
+            args = [at, at, after[1]]
+            order = "sent_at DESC, id DESC"
+        hint = "FORCE INDEX (ix_messages_sent)" if after else ""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT value FROM counters WHERE name = 'sent';"
+                f" SELECT {_SENT_JSON} FROM messages {hint} WHERE {where} ORDER BY {order} LIMIT %s",
+                [*args, limit],
+            )
+            total_row = await cur.fetchone()
+            await cur.nextset()
+            rows = [r[0] for r in await cur.fetchall()]
+            while await cur.nextset():
+                pass
+        last_key = None
+        if rows:
+            last = orjson.loads(rows[-1])
+            sent_at = dt.datetime.fromisoformat(last["sent_at"].removesuffix("Z"))
+            last_key = f"{(sent_at - _EPOCH) // dt.timedelta(microseconds=1)}:{last['id']}"
+        return SentPage(
+            total=int(total_row[0]) if total_row else 0,
+            json="[" + ",".join(rows) + "]",
+            count=len(rows),
+            last_key=last_key,
+        )
+
+    async def sent_total(self) -> int:
+        """How many messages are ``sent``: a counter kept in the same transactions that mark them."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT value FROM counters WHERE name = 'sent'")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    async def counts_by_status(self) -> dict[str, int]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
+            counts = {s.value: 0 for s in Status}
+            counts.update({status: int(n) for status, n in await cur.fetchall()})
+            return counts
+
+    async def sent_since(self, seconds: float) -> int:
+        """How many messages were sent in the last ``seconds`` (a range of ``ix_messages_sent``)."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM messages WHERE status = 'sent'"
+                " AND sent_at >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
+                (int(seconds * 1_000_000),),
+            )
+            (n,) = await cur.fetchone()
+            return int(n)
+
+    async def claim_to_sent_seconds(self, limit: int) -> list[float]:
+        """``sent_at - queued_at`` (the last claim to the send) of the ``limit`` most recently sent messages
+        (rows sent without a claim, e.g. inserted as sent, have no ``queued_at`` and are left out)."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, queued_at, sent_at) FROM messages WHERE status = 'sent'"
+                " ORDER BY sent_at DESC LIMIT %s",
+                (limit,),
+            )
+            return [max(int(us), 0) / 1_000_000 for (us,) in await cur.fetchall() if us is not None]
+
+    async def per_minute(self, since: dt.datetime) -> dict[dt.datetime, tuple[int, int]]:
+        """``{minute: (sent, failed)}`` from ``since`` on (UTC); minutes with neither are left out. Sent rows
+        are counted by ``sent_at`` on a range of ``ix_messages_sent`` (index only: ~0.8 ms per 1,000 rows in
+        the window on MariaDB 10.11); failed ones by ``updated_at``, reading every failed row (the ``status``
+        prefix of ``ix_messages_claim``): fine while they are few."""
+        minute = "DATE_FORMAT({}, '%%Y-%%m-%%d %%H:%%i')"
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT {minute.format('sent_at')} AS m, COUNT(*), 0 FROM messages"
+                " WHERE status = 'sent' AND sent_at >= %s GROUP BY m"
+                f" UNION ALL SELECT {minute.format('updated_at')} AS m, 0, COUNT(*) FROM messages"
+                " WHERE status = 'failed' AND updated_at >= %s GROUP BY m",
+                (since, since),
+            )
+            result: dict[dt.datetime, tuple[int, int]] = {}
+            for text, sent, failed in await cur.fetchall():
+                at = dt.datetime.strptime(text, "%Y-%m-%d %H:%M")
+                before = result.get(at, (0, 0))
+                result[at] = (before[0] + int(sent), before[1] + int(failed))
+            return result
+
+    async def list_failed(self, limit: int, offset: int = 0) -> list[Row]:
+        """Failed messages, newest first, with their reason; the page is found on ``ix_messages_claim``."""
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute(
+                "SELECT m.id, m.recipient, m.content, m.last_error, m.attempts, m.updated_at FROM ("
+                " SELECT id FROM messages WHERE status = 'failed'"
+                " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
+                " JOIN messages AS m ON m.id = page.id ORDER BY m.created_at DESC, m.id DESC",
+                (limit, offset),
+            )
+            return list(await cur.fetchall())
+
+    async def sent_with_remote_id(self, after_id: int, limit: int) -> list[tuple[int, str, dt.datetime]]:
+        """``(id, remote_message_id, sent_at)`` of sent rows by id, for rebuilding the Redis cache."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT id, remote_message_id, sent_at FROM messages"
+                " WHERE id > %s AND status = 'sent' AND remote_message_id IS NOT NULL ORDER BY id LIMIT %s",
+                (after_id, limit),
+            )
+            return [(int(i), r, s) for i, r, s in await cur.fetchall()]
+
+    async def dispatch_state(self) -> Row:
+        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            await cur.execute("SELECT sending, changed_at, leader, last_tick_at FROM dispatch_state WHERE id = 1")
+            row: Row = await cur.fetchone() or {"sending": 1, "changed_at": None, "leader": None, "last_tick_at": None}
+            row["sending"] = bool(row["sending"])
+            return row
+
+    async def is_sending(self) -> bool:
+        return bool((await self.dispatch_state())["sending"])

@@ -1,0 +1,187 @@
+"""The delivery state machine of one message id, and the group commits it goes through.
+
+Per id the order is fixed, and it is what makes "never twice" hold whatever crashes:
+1. a concurrency slot (a webhook connection) is taken, so a row is never ``sending`` while it waits for one;
+2. the ``queued -> sending`` compare-and-set with a fresh delivery token and a sending lease (grouped with
+   other deliveries into one statement); only the winner goes on, everything else is a dropped duplicate;
+3. the webhook POST (whatever happens, it ends in an :class:`Outcome`; a bug becomes an unknown outcome);
+4. the outcome and an attempts row, group-committed, fenced by the token; a failing group commit is retried
+   one outcome at a time so one bad row cannot strand the others; then ``message:<messageId>`` in Redis.
+A crash before 2 or after 4 is harmless (the row says what happened); a crash between them leaves the row
+``sending`` until its lease runs out, and the producer's sweep settles it (outcome unknown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from common.batching import Batcher
+from common.db import error_text, is_transient
+from common.models import Delivery, Outcome
+from common.settings import Settings
+from common.store import MessageStore, Recorded
+from consumer import metrics
+from consumer.cachewriter import CacheWriter, Entry
+from consumer.webhook import Webhook
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long after the compare-and-set a delivery may still be in flight beyond the request timeout (the
+# outcome commit, a slow event loop): past the lease the sweep takes the row for lost.
+SENDING_LEASE_MARGIN = 5.0
+Start = tuple[int, int]  # (message id, the delivery's token)
+DeadLetter = Callable[[Outcome, Delivery], Awaitable[None]]
+
+
+class Deliveries:
+    def __init__(
+        self, settings: Settings, store: MessageStore, webhook: Webhook, cache: CacheWriter, dead_letter: DeadLetter
+    ) -> None:
+        self.store = store
+        self.webhook = webhook
+        self.cache = cache
+        self.dead_letter = dead_letter
+        self.lease = settings.webhook_timeout_seconds + SENDING_LEASE_MARGIN
+        self.at_least_once = settings.is_at_least_once
+        self.slots = asyncio.Semaphore(settings.consumer_concurrency)
+        self.starts: Batcher[Start, Delivery | None] = Batcher(self._flush_starts)
+        self.finishes: Batcher[tuple[Outcome, Delivery], None] = Batcher(self._flush_finishes)
+        self.db_down = False
+        self.last_progress = time.monotonic()  # when an outcome was last committed (for /healthz)
+
+    async def process(self, message_id: int) -> bool:
+        """Take one id through the steps above; False if the id is unknown (no such row)."""
+        token = secrets.randbits(63)  # kept across retries of the statement: a lost answer cannot hide a won row
+        async with self.slots:
+            row = await self._persist(lambda: self.starts.submit((message_id, token)), "compare-and-set")
+            if row is None:
+                return False
+            if not row.won_by(token):
+                metrics.DUPLICATES.inc()
+                log.info(
+                    "message %d is %s; duplicate delivery dropped",
+                    message_id,
+                    row.status,
+                    extra={"message_id": message_id},
+                )
+                return True
+            try:
+                outcome = await self.webhook.deliver(row, token)
+            except Exception as exc:
+                log.exception("message %d: delivery failed unexpectedly", message_id, extra={"message_id": message_id})
+                outcome = self.webhook.unexpected(row, token, exc)
+        await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
+        return True
+
+    async def close(self) -> None:
+        await self.starts.aclose()
+        await self.finishes.aclose()
+
+    async def _persist(self, work: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run database work until it succeeds. An outage (:func:`~common.db.is_transient`) is retried and
+        logged once for the whole consumer, with the retry plan, and once when MySQL answers again; any
+        other error is raised with its number and message (a bug or a misconfiguration, not an outage)."""
+        delay = 0.2
+        while True:
+            try:
+                result = await work()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if not self.db_down:
+                    self.db_down = True
+                    log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=10s", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if self.db_down:
+                self.db_down = False
+                log.info("MySQL answers again; deliveries go on")
+            return result
+
+    async def _flush_starts(self, items: Sequence[Start]) -> list[Delivery | None]:
+        rows = await self.store.begin_sending(items, self.lease, self.at_least_once)
+        return [rows.get(message_id) for message_id, _ in items]
+
+    async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[None]:
+        unrecorded: set[int] = set()
+        try:
+            recorded = await self.store.record_outcomes([o for o, _ in items])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            recorded = await self._one_by_one(items, exc, unrecorded)
+        metrics.BATCH_SIZE.observe(len(items))
+        self.last_progress = time.monotonic()
+        fenced = {o.id for o in recorded.fenced}
+        entries: list[Entry] = []
+        for outcome, row in items:
+            extra = {"message_id": outcome.id, "attempt": outcome.attempt}
+            if outcome.id in unrecorded:
+                continue
+            if outcome.id in fenced:
+                log.warning(
+                    "message %d: its sending lease ran out before this outcome (%s) could be recorded; the"
+                    " sweep settled it (see its last_error)",
+                    outcome.id,
+                    outcome.kind,
+                    extra=extra,
+                )
+                continue
+            metrics.DELIVERIES.labels(outcome.kind).inc()
+            if outcome.kind == "sent":
+                log.debug("message %d sent", outcome.id, extra=extra)
+                sent_at = recorded.sent_at.get(outcome.id)
+                if outcome.remote_message_id and sent_at is not None:
+                    entries.append((outcome.remote_message_id, outcome.id, sent_at))
+            elif outcome.kind == "retry":
+                metrics.RETRIES.inc()
+                log.info(
+                    "message %d: attempt %d failed (%s); next at %s",
+                    outcome.id,
+                    outcome.attempt,
+                    outcome.error,
+                    outcome.next_attempt_at,
+                    extra=extra,
+                )
+            else:
+                log.warning("message %d failed: %s", outcome.id, outcome.error, extra=extra)
+                await self.dead_letter(outcome, row)
+        await self.cache.write(entries)
+        return [None] * len(items)
+
+    async def _one_by_one(
+        self, items: Sequence[tuple[Outcome, Delivery]], first: Exception, unrecorded: set[int]
+    ) -> Recorded:
+        """A group commit failed for a reason other than an outage: record its outcomes one at a time, so the
+        bad row is found, marked ``failed`` with the reason, and the others are recorded as they are."""
+        log.error("group commit of %d outcomes failed (%s); recording them one by one", len(items), error_text(first))
+        sent_at: dict[int, dt.datetime] = {}
+        fenced: list[Outcome] = []
+        for outcome, _ in items:
+            try:
+                one = await self.store.record_outcomes([outcome])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                reason = f"its outcome ({outcome.kind}) could not be recorded: {error_text(exc)}"
+                unrecorded.add(outcome.id)
+                marked = await self.store.record_unrecordable(outcome, reason)
+                log.error(
+                    "message %d: %s; %s",
+                    outcome.id,
+                    reason,
+                    "marked failed" if marked else "left for the sending lease's sweep",
+                    extra={"message_id": outcome.id},
+                )
+                continue
+            sent_at.update(one.sent_at)
+            fenced += one.fenced
+        return Recorded(sent_at, fenced)
