@@ -221,3 +221,15 @@ def test_env_example_documents_every_setting_with_its_default() -> None:
         parsed = Settings.from_env({name: documented[name]}, dotenv=None)
         assert getattr(parsed, field.name) == getattr(defaults, field.name), f"{name}: not the default"
     assert Settings.from_env({}, dotenv=ROOT / ".env.example") == defaults, "copying it to .env changes nothing"
+
+
+def test_services_get_more_time_to_stop_than_their_shutdown_timeout_and_real_health_checks(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    shutdown = Settings().shutdown_timeout_seconds
+    for name in ("gateway", "producer", "consumer"):
+        grace = str(services[name]["stop_grace_period"])
+        assert grace.endswith("s") and float(grace[:-1]) > shutdown, f"{name}: stop_grace_period {grace}"
+    for name, port in (("producer", 9101), ("consumer", 9102)):
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in check, f"{name}'s health check does not ask its /healthz"
