@@ -28,3 +28,7 @@ class ConflictError(MessageSenderError):
 
 class MigrationError(MessageSenderError):
     """Raised when the schema cannot be brought to the current version."""
+
+
+class LeaseLost(MessageSenderError):
+    """Raised when a producer's leader lease lapsed or was taken over: it must not claim any more."""

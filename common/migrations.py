@@ -113,6 +113,27 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "UPDATE messages SET published_at = queued_at WHERE status = 'queued' AND published_at IS NULL",
         ],
     ),
+    (
+        4,
+        "the producers' leader lease (renewed by a live leader, taken over when it lapses, fenced by an epoch)",
+        [
+            """
+            CREATE TABLE IF NOT EXISTS producer_lease (
+                id TINYINT UNSIGNED NOT NULL,
+                epoch BIGINT UNSIGNED NOT NULL DEFAULT 0,
+                holder VARCHAR(255) NULL,
+                expires_at DATETIME(6) NULL,
+                last_tick_at DATETIME(6) NULL,
+                tick_epoch BIGINT UNSIGNED NULL,
+                PRIMARY KEY (id),
+                CONSTRAINT ck_producer_lease_single CHECK (id = 1)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            "INSERT INTO producer_lease (id, holder, last_tick_at) SELECT 1, leader, last_tick_at FROM dispatch_state"
+            " WHERE id = 1 AND NOT EXISTS (SELECT 1 FROM producer_lease WHERE id = 1)",
+            "INSERT INTO producer_lease (id) SELECT 1 FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM producer_lease)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -177,7 +177,11 @@ class MessageQueries:
 
     async def dispatch_state(self) -> Row:
         async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
-            await cur.execute("SELECT sending, changed_at, leader, last_tick_at FROM dispatch_state WHERE id = 1")
+            # The leader is the holder of a lease that has not lapsed (none while no producer leads).
+            await cur.execute(
+                "SELECT d.sending, d.changed_at, IF(l.expires_at > UTC_TIMESTAMP(6), l.holder, NULL) AS leader,"
+                " l.last_tick_at FROM dispatch_state AS d LEFT JOIN producer_lease AS l ON l.id = 1 WHERE d.id = 1"
+            )
             row: Row = await cur.fetchone() or {"sending": 1, "changed_at": None, "leader": None, "last_tick_at": None}
             row["sending"] = bool(row["sending"])
             return row

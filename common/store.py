@@ -20,11 +20,11 @@ from typing import Any
 
 import aiomysql
 
-from common.errors import ConflictError, NotFoundError
+from common.errors import ConflictError, LeaseLost, NotFoundError
 from common.models import Delivery, Outcome, is_outcome_unknown, outcome_unknown, utcnow
 from common.queries import MessageQueries, Row, SentPage
 
-__all__ = ["LeaderLock", "MessageStore", "Row", "SentPage", "Swept"]
+__all__ = ["Fence", "MessageStore", "Recorded", "Row", "SentPage", "Swept"]
 
 
 LEASE_LAPSED = "the sending lease ran out with no outcome recorded (its consumer or AMQP message was lost)"
@@ -45,6 +45,30 @@ def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[
     rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
     sql = first + rest * (len(rows) - 1)
     return sql, [v for row in rows for v in row]
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A producer's hold on the leader lease: its name and the lease's epoch when it took it. Every statement
+    a leader makes that moves rows checks it in the same transaction, so a leader that froze and woke up
+    after another took over cannot claim, re-publish or sweep any more."""
+
+    holder: str
+    epoch: int
+
+
+async def _check_fence(cur: aiomysql.Cursor, fence: Fence | None) -> None:
+    """Hold the lease row (shared) for the rest of the transaction if ``fence`` is still the valid lease;
+    raise :class:`LeaseLost` otherwise. A takeover waits for the transaction to finish."""
+    if fence is None:
+        return
+    await cur.execute(
+        "SELECT 1 FROM producer_lease WHERE id = 1 AND holder = %s AND epoch = %s"
+        " AND expires_at > UTC_TIMESTAMP(6) LOCK IN SHARE MODE",
+        (fence.holder, fence.epoch),
+    )
+    if await cur.fetchone() is None:
+        raise LeaseLost(f"{fence.holder} no longer holds the leader lease (epoch {fence.epoch})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +144,25 @@ class MessageStore(MessageQueries):
 
     # --- the producer's side --------------------------------------------------------------------
 
-    async def claim(self, limit: int) -> list[int]:
+    async def claim(self, limit: int, fence: Fence | None = None, budget: bool = False) -> list[int]:
         """Move up to ``limit`` due ``pending`` rows, oldest first, to ``queued``; return their ids.
-        ``SKIP LOCKED`` lets concurrent claimers take disjoint rows without waiting on each other."""
+        ``SKIP LOCKED`` lets concurrent claimers take disjoint rows without waiting on each other.
+
+        With ``budget`` (the producer's tick), claims still waiting in the queue count against ``limit``:
+        never more than ``limit`` rows are ``queued`` at once, so a backlog cannot pile up while consumers
+        are away and go out in one burst when they come back. With ``fence``, only the lease holder claims."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
+                await _check_fence(cur, fence)
+                if budget:
+                    await cur.execute("SELECT COUNT(*) FROM messages WHERE status = 'queued'")
+                    (waiting,) = await cur.fetchone()
+                    limit -= int(waiting)
+                if limit <= 0:
+                    await conn.commit()
+                    return []
                 await cur.execute(
                     "SELECT id FROM messages WHERE status = 'pending'"
                     " AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
@@ -170,7 +206,9 @@ class MessageStore(MessageQueries):
                 )
             )
 
-    async def reclaim_stale(self, lease_seconds: float, limit: int, queue_empty: bool) -> list[int]:
+    async def reclaim_stale(
+        self, lease_seconds: float, limit: int, queue_empty: bool, fence: Fence | None = None
+    ) -> list[int]:
         """``queued`` rows whose AMQP message may be lost, with their lease renewed, to be published again:
 
         - a claim whose publish was never confirmed, older than the lease (a producer died between its
@@ -185,6 +223,7 @@ class MessageStore(MessageQueries):
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
+                await _check_fence(cur, fence)
                 await cur.execute(
                     "SELECT id FROM messages WHERE status = 'queued' AND (queued_at IS NULL"
                     " OR (published_at IS NULL AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)"
@@ -204,7 +243,7 @@ class MessageStore(MessageQueries):
                 await _rollback(conn)
                 raise
 
-    async def sweep_sending(self, max_attempts: int, limit: int) -> list[Swept]:
+    async def sweep_sending(self, max_attempts: int, limit: int, fence: Fence | None = None) -> list[Swept]:
         """Settle ``sending`` rows whose sending lease ran out: their delivery is over (the request is bounded by
         the webhook timeout) but no outcome was recorded, because its consumer died, or the AMQP message was
         lost with its consumer. Nobody knows whether the service got the request. Under the guarantee of the
@@ -217,6 +256,7 @@ class MessageStore(MessageQueries):
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
+                await _check_fence(cur, fence)
                 await cur.execute(
                     "SELECT id, recipient, content, attempts, at_least_once FROM messages WHERE status = 'sending'"
                     " AND (lease_expires_at IS NULL OR lease_expires_at < UTC_TIMESTAMP(6))"
@@ -270,16 +310,20 @@ class MessageStore(MessageQueries):
         winner's delivery guarantee); the ``SELECT`` of the
         same round trip reads the rows back: a delivery won its row if the row carries its token, whatever
         else happened, even if this statement's answer was lost and it is run again. Unknown ids are missing
-        from the result."""
+        from the result. While sending is switched off, the same statement puts the claims back to
+        ``pending`` instead (stop means stop: nothing new goes out; they wait and are claimed again, oldest
+        first, once sending is on)."""
         if not claims:
             return {}
         ids = sorted({i for i, _ in claims})
         table, values = _values_table(list(claims), ("id", "tok"))
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                " SET m.status = 'sending', m.delivery_token = v.tok,"
-                " m.lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, m.at_least_once = %s"
+                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id JOIN dispatch_state AS d ON d.id = 1"
+                " SET m.status = IF(d.sending, 'sending', 'pending'), m.delivery_token = IF(d.sending, v.tok, NULL),"
+                " m.lease_expires_at = IF(d.sending, UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, NULL),"
+                " m.at_least_once = %s, m.queued_at = IF(d.sending, m.queued_at, NULL),"
+                " m.published_at = IF(d.sending, m.published_at, NULL)"
                 " WHERE m.status = 'queued';"
                 " SELECT id, recipient, content, status, attempts, delivery_token"
                 f" FROM messages WHERE id IN ({_in(ids)})",
@@ -420,39 +464,45 @@ class MessageStore(MessageQueries):
             )
         return sending
 
-    async def record_tick(self, leader: str, interval_seconds: float) -> bool:
-        """Record a tick of ``leader``; False (and nothing recorded) if another replica ticked less than an
-        interval ago: a new leader waits out its predecessor's interval, so a failover never doubles the rate."""
+    async def lead(self, holder: str, lease_seconds: float) -> Fence | None:
+        """Take or renew the leader lease for ``lease_seconds``; the :class:`Fence` while ``holder`` has it,
+        None while another live producer does. A lease that was not renewed in time (its holder died, froze
+        or lost MySQL) is taken over with a new epoch, which fences out everything its old holder still
+        tries. One round trip."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            # epoch is assigned first: its IF must see the row's old holder and expiry (assignments run left to
+            # right in a single-table UPDATE, on MySQL and MariaDB alike).
+            await cur.execute(
+                "UPDATE producer_lease SET"
+                " epoch = IF(holder <=> %s AND expires_at >= UTC_TIMESTAMP(6), epoch, epoch + 1),"
+                " holder = %s, expires_at = UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND"
+                " WHERE id = 1 AND (expires_at IS NULL OR expires_at < UTC_TIMESTAMP(6) OR holder <=> %s);"
+                " SELECT epoch FROM producer_lease WHERE id = 1 AND holder = %s AND expires_at > UTC_TIMESTAMP(6)",
+                (holder, holder, _micros(lease_seconds), holder, holder),
+            )
+            await cur.nextset()
+            row = await cur.fetchone()
+            await _drain(cur)
+        return Fence(holder, int(row[0])) if row else None
+
+    async def give_up_lead(self, fence: Fence) -> None:
+        """On a clean shutdown: let the lease lapse now, so a standby takes over without waiting it out."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "UPDATE producer_lease SET expires_at = NULL WHERE id = 1 AND holder = %s AND epoch = %s",
+                (fence.holder, fence.epoch),
+            )
+
+    async def record_tick(self, fence: Fence, interval_seconds: float) -> bool:
+        """Record a tick of the lease holder; False (and nothing recorded) if the previous tick was another
+        lease's less than an interval ago: a new leader waits out its predecessor's interval, so a failover
+        never doubles the rate. Its own ticks follow its schedule."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             changed = await cur.execute(
-                "UPDATE dispatch_state SET leader = %s, last_tick_at = UTC_TIMESTAMP(6) WHERE id = 1"
-                " AND (leader = %s OR leader IS NULL OR last_tick_at IS NULL"
+                "UPDATE producer_lease SET last_tick_at = UTC_TIMESTAMP(6), tick_epoch = epoch"
+                " WHERE id = 1 AND holder = %s AND epoch = %s AND expires_at > UTC_TIMESTAMP(6)"
+                " AND (tick_epoch <=> epoch OR last_tick_at IS NULL"
                 " OR last_tick_at <= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)",
-                (leader, leader, _micros(interval_seconds)),
+                (fence.holder, fence.epoch, _micros(interval_seconds)),
             )
             return bool(changed)
-
-
-class LeaderLock:
-    """A MySQL named lock held on one dedicated connection: when the holder dies its connection closes
-    and the server frees the lock, so another replica takes over on its next tick."""
-
-    def __init__(self, conn: aiomysql.Connection, name: str) -> None:
-        self.conn = conn
-        self.name = name
-
-    async def try_acquire(self) -> bool:
-        """True if this connection holds the lock (taking it if free)."""
-        async with self.conn.cursor() as cur:
-            await cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self.name,))
-            (held,) = await cur.fetchone()
-            if held == 1:
-                return True
-            await cur.execute("SELECT GET_LOCK(%s, 0)", (self.name,))
-            (got,) = await cur.fetchone()
-            return bool(got == 1)
-
-    async def release(self) -> None:
-        async with self.conn.cursor() as cur:
-            await cur.execute("SELECT RELEASE_LOCK(%s)", (self.name,))
-            await cur.fetchone()

@@ -1,8 +1,10 @@
 """The producer: every ``SEND_INTERVAL_SECONDS`` the leader claims a batch and publishes it to RabbitMQ.
 
-Leadership is a MySQL named lock held on a dedicated connection: however many replicas run, one claims
-per tick, so the global rate stays ``SEND_BATCH_SIZE`` per interval; when the leader dies its connection
-(and so its lock) goes, and another replica takes over on its next tick.
+Leadership is a lease in MySQL (``producer_lease``), renewed by the leader every second: however many
+replicas run, one claims per tick, so the global rate stays ``SEND_BATCH_SIZE`` per interval. When the
+leader dies, freezes or loses MySQL, its lease lapses after ``LEADER_LEASE_SECONDS`` and a standby takes
+over with a new epoch; every claim, re-publish and sweep checks the epoch in its own transaction, so a
+leader that wakes up after losing the lease can never claim again.
 
 Between ticks (every :data:`MAINTENANCE_SECONDS` at most) the leader also gives every row in flight its way
 out: ``sending`` rows whose lease ran out are settled (:meth:`~common.store.MessageStore.sweep_sending`),
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -28,11 +29,12 @@ import orjson
 import pymysql
 
 from common import topology
-from common.db import connect_kwargs, error_text, is_transient, pool_ctx
+from common.db import error_text, is_transient, pool_ctx
+from common.errors import LeaseLost
 from common.metrics import start_listener
 from common.migrations import migrate
 from common.settings import Settings
-from common.store import LeaderLock, MessageStore, Swept
+from common.store import Fence, MessageStore, Swept
 from producer import metrics
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,6 @@ SWEEP_LIMIT = 500
 # has been away this long.
 STALL_SECONDS = 30.0
 AMQP_DOWN_UNHEALTHY_SECONDS = 60.0
-
-
-def leader_lock_name(database: str) -> str:
-    """Named locks are server-wide: scope the name to the database (and keep it within 64 characters)."""
-    name = f"{database}.producer.leader"
-    return name if len(name) <= 64 else "ms.leader." + hashlib.sha1(database.encode()).hexdigest()
 
 
 @dataclass
@@ -67,8 +63,7 @@ class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.lock: LeaderLock | None = None
-        self.leading = False
+        self.fence: Fence | None = None  # set while this replica holds the leader lease
         self.ready = False
         self.next_stale_check = 0.0
         self.last_loop = time.monotonic()
@@ -88,10 +83,19 @@ class Producer:
             conn.close_callbacks.add(lambda *_: self._amqp_down())
             conn.reconnect_callbacks.add(lambda *_: setattr(self, "amqp_down_since", None))
             self.topology = await topology.open_channel(conn)
-            stack.callback(self._drop_lock)
             self.ready = True
             log.info("producer %s ticking every %gs, batch %d", self.name, s.send_interval_seconds, s.send_batch_size)
-            await self._loop(stop)
+            renewer = asyncio.get_running_loop().create_task(self._renew(stop))
+            try:
+                await self._loop(stop)
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+                await self._give_up_lead()
+
+    @property
+    def leading(self) -> bool:
+        return self.fence is not None
 
     def _amqp_down(self) -> None:
         if self.amqp_down_since is None:
@@ -138,6 +142,8 @@ class Producer:
                 what,
                 TICK_DEADLINE_SECONDS,
             )
+        except LeaseLost as exc:
+            self._lost(exc)
         except Exception as exc:
             self._failed(what, exc)
 
@@ -145,8 +151,9 @@ class Producer:
         report = TickReport()
         metrics.TICKS.inc()
         try:
-            report.leader = await self._lead()
-            if report.leader and not await self.store.record_tick(self.name, self.settings.send_interval_seconds):
+            fence = self.fence
+            report.leader = fence is not None
+            if fence is not None and not await self.store.record_tick(fence, self.settings.send_interval_seconds):
                 log.info("tick: leader, waiting out the previous leader's interval")
                 return report
             if report.leader:
@@ -155,6 +162,9 @@ class Producer:
                 if report.sending:
                     await self._dispatch(report)
                 await self.maintain(report)
+        except LeaseLost as exc:
+            self._lost(exc)
+            return report
         except Exception as exc:
             self._failed("tick", exc)
             return report
@@ -171,6 +181,43 @@ class Producer:
         )
         return report
 
+    async def _renew(self, stop: asyncio.Event) -> None:
+        """Take or renew the leader lease every second (a quarter lease at most), beside the tick loop, so a
+        long tick never lets a live leader's lease lapse; a standby takes over when the leader stops renewing."""
+        every = min(MAINTENANCE_SECONDS, self.settings.leader_lease_seconds / 4)
+        while not stop.is_set():
+            try:
+                fence = await asyncio.wait_for(
+                    self.store.lead(self.name, self.settings.leader_lease_seconds), self.settings.leader_lease_seconds
+                )
+            except Exception as exc:  # MySQL away: the lease lapses by itself; ticks are skipped meanwhile
+                if self.fence is not None:
+                    log.warning("producer %s could not renew its leader lease (%s)", self.name, error_text(exc))
+                fence = None
+            if (fence is None) != (self.fence is None) or (fence and self.fence and fence.epoch != self.fence.epoch):
+                log.info(
+                    "producer %s %s the leader%s",
+                    self.name,
+                    "is now" if fence else "is no longer",
+                    f" (lease epoch {fence.epoch})" if fence else "",
+                )
+            self.fence = fence
+            metrics.LEADER.set(1 if fence else 0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+
+    def _lost(self, exc: LeaseLost) -> None:
+        log.warning("tick: %s; another producer leads now", exc)
+        self.fence = None
+        metrics.LEADER.set(0)
+
+    async def _give_up_lead(self) -> None:
+        if self.fence is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.store.give_up_lead(self.fence), 5)
+            self.fence = None
+            metrics.LEADER.set(0)
+
     def _failed(self, what: str, exc: Exception) -> None:
         """Log a failed tick or sweep by kind: an outage once per tick with the plan; a real MySQL error (a bug
         or a misconfiguration, never retried into silence) with its number; anything else with its traceback."""
@@ -178,7 +225,6 @@ class Producer:
         if is_transient(exc):
             metrics.SKIPPED.labels("mysql").inc()
             log.warning("%s skipped: MySQL unavailable (%s); next tick in %gs", what, exc, interval)
-            self._drop_lock()
         elif isinstance(exc, aio_pika.exceptions.AMQPError | ConnectionError):
             metrics.SKIPPED.labels("rabbitmq").inc()
             log.warning("%s incomplete: RabbitMQ unavailable (%r); next tick in %gs", what, exc, interval)
@@ -190,7 +236,7 @@ class Producer:
             log.error("%s failed unexpectedly; next tick in %gs", what, interval, exc_info=exc)
 
     async def _dispatch(self, report: TickReport) -> None:
-        ids = await self.store.claim(self.settings.send_batch_size)
+        ids = await self.store.claim(self.settings.send_batch_size, self.fence, budget=True)
         report.claimed = len(ids)
         metrics.CLAIMED.inc(len(ids))
         if ids:
@@ -212,7 +258,7 @@ class Producer:
         """The leader's sweeps: settle ``sending`` rows whose lease ran out; re-publish lost claims (at most
         every quarter lease, <= 10 s: looking scans the queued rows)."""
         s = self.settings
-        swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT)
+        swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, self.fence)
         report.swept = len(swept)
         if swept:
             metrics.SWEPT.inc(len(swept))
@@ -234,7 +280,8 @@ class Producer:
         if report.sending is None and not await self.store.is_sending():
             return
         queue_empty = await self.topology.dispatch_ready() == 0
-        stale = await self.store.reclaim_stale(s.claim_lease_seconds, max(s.send_batch_size, 100), queue_empty)
+        # At most one batch: re-published claims go out at the same rate as new ones.
+        stale = await self.store.reclaim_stale(s.claim_lease_seconds, s.send_batch_size, queue_empty, self.fence)
         if stale:
             log.warning(
                 "re-publishing %d claims whose AMQP message may be lost (older than %gs): %s",
@@ -253,22 +300,3 @@ class Producer:
             await self.topology.dead_letter_copy(body, {"x-reason": "failed", "x-error": row.error})
         except Exception as exc:  # the row says failed; the copy is a convenience
             log.warning("message %d: dead-letter copy not published (%r)", row.id, exc, extra={"message_id": row.id})
-
-    async def _lead(self) -> bool:
-        if self.lock is None:
-            conn = await aiomysql.connect(**connect_kwargs(self.settings))  # type: ignore[arg-type]
-            self.lock = LeaderLock(conn, leader_lock_name(self.settings.mysql_database))
-        leader = await self.lock.try_acquire()
-        if leader != self.leading:
-            log.info("producer %s %s the leader", self.name, "is now" if leader else "is no longer")
-        self.leading = leader
-        metrics.LEADER.set(1 if leader else 0)
-        return leader
-
-    def _drop_lock(self) -> None:
-        """Close the lock's connection (the server releases the lock with it)."""
-        if self.lock is not None:
-            self.lock.conn.close()
-            self.lock = None
-        self.leading = False
-        metrics.LEADER.set(0)

@@ -80,8 +80,9 @@ async def value(v: Any) -> Any:
 
 
 async def leader_pid(settings: Settings) -> int | None:
-    """The pid of the producer that holds the lead (from ``dispatch_state.leader``, ``host:pid``)."""
-    (leader,) = (await query(settings, "SELECT leader FROM dispatch_state WHERE id = 1"))[0]
+    """The pid of the producer that holds a live leader lease (``producer_lease.holder``, ``host:pid``)."""
+    rows = await query(settings, "SELECT holder FROM producer_lease WHERE id = 1 AND expires_at > UTC_TIMESTAMP(6)")
+    leader = rows[0][0] if rows else None
     return int(leader.rsplit(":", 1)[1]) if leader else None
 
 

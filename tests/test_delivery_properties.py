@@ -31,7 +31,7 @@ from tests.procs import StandIn, wait_for
 TIMEOUT = 0.3  # WEBHOOK_TIMEOUT_SECONDS of the consumer under test
 HEADER_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
 RETRY_AFTER = st.one_of(
-    st.sampled_from(["²", "٣", "１２", "-1", "0", "3", " 7 ", "1e3", "99999999999999999999", "", "soon"]),
+    st.sampled_from(["²", "٣", "\uff11\uff12", "-1", "0", "3", " 7 ", "1e3", "99999999999999999999", "", "soon"]),
     st.sampled_from(["Wed, 21 Oct 2015 07:28:00 GMT", "Fri, 31 Dec 9999 23:59:59 +1400", "Mon, 01 Jan 0001"]),
     HEADER_TEXT,
 )

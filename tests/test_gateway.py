@@ -339,7 +339,11 @@ async def test_stats(client: Client, store: MessageStore, settings: Settings) ->
     await fail(store)
     await store.create("+905550000001", "pending")
     await store.set_sending(False)
-    await sql(settings, "UPDATE dispatch_state SET leader = 'producer-1', last_tick_at = UTC_TIMESTAMP(6)")
+    await sql(
+        settings,
+        "UPDATE producer_lease SET holder = 'producer-1', expires_at = UTC_TIMESTAMP(6) + INTERVAL 1 MINUTE,"
+        " last_tick_at = UTC_TIMESTAMP(6)",
+    )
 
     body = await (await client.get("/stats")).json()
     assert body["counts"] == {"pending": 1, "queued": 0, "sending": 0, "sent": 3, "failed": 1}

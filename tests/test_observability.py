@@ -293,7 +293,11 @@ async def test_stats_match_the_database(settings: Settings, store: MessageStore,
     for i in range(2):
         await store.create(f"+90555000001{i}", "pending")
     await store.set_sending(False)
-    await sql(settings, "UPDATE dispatch_state SET leader = 'producer-1', last_tick_at = UTC_TIMESTAMP(6)")
+    await sql(
+        settings,
+        "UPDATE producer_lease SET holder = 'producer-1', expires_at = UTC_TIMESTAMP(6) + INTERVAL 1 MINUTE,"
+        " last_tick_at = UTC_TIMESTAMP(6)",
+    )
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
         topo = await topology.open_channel(conn)
@@ -332,7 +336,7 @@ async def test_stats_match_the_database(settings: Settings, store: MessageStore,
     }
     assert body["latency_ms"]["p99"] == pytest.approx(40)
     assert body["queues"] == {"dispatch": 3, "dead_letter": 1}
-    ((leader, tick),) = await sql(settings, "SELECT leader, last_tick_at FROM dispatch_state")
+    ((leader, tick),) = await sql(settings, "SELECT holder, last_tick_at FROM producer_lease")
     assert (body["sending"], body["leader"]) == (False, leader)
     assert dt.datetime.fromisoformat(body["last_tick_at"].removesuffix("Z")) == tick
     assert ISO_Z.match(body["changed_at"])

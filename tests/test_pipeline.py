@@ -132,7 +132,6 @@ async def _sent_count(settings: Settings, n: int) -> bool:
 async def test_the_same_id_published_twice_is_sent_once(
     store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
 ) -> None:
-    await store.set_sending(False)
     (mid,) = await insert(settings, 1)
     assert await store.claim(1) == [mid]
     consumer = cluster.start("consumer")
@@ -281,7 +280,6 @@ async def test_429_retry_after_is_honoured(
 async def test_poison_messages_are_dead_lettered_and_the_consumer_goes_on(
     store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
 ) -> None:
-    await store.set_sending(False)
     (mid,) = await insert(settings, 1)
     assert await store.claim(1) == [mid]
     cluster.start("consumer")
