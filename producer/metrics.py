@@ -4,7 +4,7 @@ from prometheus_client import Counter, Gauge
 
 TICKS = Counter("producer_ticks_total", "Ticks run by this replica")
 SKIPPED = Counter("producer_ticks_skipped_total", "Ticks cut short by an unavailable dependency", ["dependency"])
-LEADER = Gauge("producer_is_leader", "1 while this replica holds the leader lock")
+LEADER = Gauge("producer_is_leader", "1 while this replica holds the leader lease")
 SENDING = Gauge("producer_sending", "1 while automatic sending is on (as last read by the leader)")
 CLAIMED = Counter("producer_claimed_total", "Messages claimed (pending -> queued)")
 PUBLISHED = Counter("producer_published_total", "Claimed messages published with a confirm")
