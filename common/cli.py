@@ -1,4 +1,4 @@
-"""``message-sender``: operator commands (migrate, demo, cache-backfill)."""
+"""``message-sender``: operator commands (migrate, demo, cache-backfill, recount)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> None:
         await pool.wait_closed()
 
 
+async def _recount(settings: Settings, _: argparse.Namespace) -> None:
+    """Rebuild the counts by status from the table (after rows were changed or deleted by hand)."""
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool)
+        counts = await MessageStore(pool).recount()
+        print("recounted: " + ", ".join(f"{status} {n}" for status, n in counts.items()))
+    finally:
+        pool.close()
+        await pool.wait_closed()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="message-sender", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--count", type=int, default=10)
     demo.set_defaults(run=_demo)
     sub.add_parser("cache-backfill", help="rewrite the Redis cache from MySQL").set_defaults(run=_backfill)
+    sub.add_parser("recount", help="rebuild the counts by status from the table").set_defaults(run=_recount)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -121,6 +121,7 @@ class Settings:
     retry_base_seconds: float = 5.0
     claim_lease_seconds: float = 300.0
     leader_lease_seconds: float = 10.0
+    retention_days: float = 0.0
     delivery_guarantee: str = "at-most-once"
     consumer_prefetch: int = 8
     consumer_concurrency: int = 64
@@ -174,6 +175,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "retry_base_seconds": _float(0),
     "claim_lease_seconds": _float(0, strict=True),
     "leader_lease_seconds": _float(1, strict=True),
+    "retention_days": _float(0),
     "delivery_guarantee": _choice(DELIVERY_GUARANTEES),
     "consumer_prefetch": _int(1, 65535),
     "consumer_concurrency": _int(1, 100_000),

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,27 @@ __all__ = ["Fence", "MessageStore", "Recorded", "Row", "SentPage", "Swept"]
 LEASE_LAPSED = "the sending lease ran out with no outcome recorded (its consumer or AMQP message was lost)"
 
 
-def _in(ids: Sequence[int]) -> str:
+def _in(ids: Sequence[object]) -> str:
     return ", ".join(["%s"] * len(ids))
+
+
+COUNT_SHARDS = 8  # rows per status in message_counts (the insert trigger spreads by id % 8)
+
+
+def _moved(given: Mapping[str, int | str]) -> tuple[str, list[Any]]:
+    """The ``message_counts`` update of a transition, for the same transaction: ``{status: delta}`` (a delta
+    may be SQL, e.g. ``@moved``), on one shard drawn at random so concurrent transactions rarely meet."""
+    moves = {k: v for k, v in given.items() if v != 0}
+    if not moves:
+        return "DO 0", []
+    cases = " ".join(f"WHEN %s THEN {v}" if isinstance(v, str) else "WHEN %s THEN %s" for v in moves.values())
+    args: list[Any] = []
+    for status, delta in moves.items():
+        args += [status] if isinstance(delta, str) else [status, delta]
+    sql = (
+        f"UPDATE message_counts SET n = n + CASE status {cases} END WHERE shard = %s AND status IN ({_in(list(moves))})"
+    )
+    return sql, [*args, random.randrange(COUNT_SHARDS), *moves]
 
 
 def _micros(seconds: float) -> int:
@@ -129,12 +149,18 @@ class MessageStore(MessageQueries):
                 f"message {message_id} failed with an unknown outcome: it may have reached the notification"
                 " service already; retry with force=true to send it anyway (it may arrive twice)"
             )
+        counts, count_args = _moved({"failed": "-@moved", "pending": "@moved"})
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            changed = await cur.execute(
-                "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL, queued_at = NULL,"
-                " published_at = NULL, delivery_token = NULL WHERE id = %s AND status = 'failed'",
-                (message_id,),
+            await cur.execute(
+                "START TRANSACTION; UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL,"
+                " queued_at = NULL, published_at = NULL, delivery_token = NULL, failed_at = NULL"
+                f" WHERE id = %s AND status = 'failed'; SET @moved = ROW_COUNT(); {counts}; SELECT @moved; COMMIT",
+                [message_id, *count_args],
             )
+            for _ in range(4):
+                await cur.nextset()
+            (changed,) = await cur.fetchone()
+            await _drain(cur)
         row = await self.get(message_id)
         if row is None:
             raise NotFoundError(f"message {message_id} does not exist")
@@ -176,6 +202,7 @@ class MessageStore(MessageQueries):
                         f" WHERE id IN ({_in(ids)})",
                         ids,
                     )
+                    await cur.execute(*_moved({"pending": -len(ids), "queued": len(ids)}))
                 await conn.commit()
                 return ids
             except BaseException:
@@ -197,14 +224,19 @@ class MessageStore(MessageQueries):
         """Return ``queued`` rows whose publish failed to ``pending`` so the next tick claims them again."""
         if not ids:
             return 0
+        counts, count_args = _moved({"queued": "-@moved", "pending": "@moved"})
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            return int(
-                await cur.execute(
-                    "UPDATE messages SET status = 'pending', queued_at = NULL, published_at = NULL"
-                    f" WHERE status = 'queued' AND id IN ({_in(ids)})",
-                    list(ids),
-                )
+            await cur.execute(
+                "START TRANSACTION; UPDATE messages SET status = 'pending', queued_at = NULL, published_at = NULL"
+                f" WHERE status = 'queued' AND id IN ({_in(ids)}); SET @moved = ROW_COUNT(); {counts};"
+                " SELECT @moved; COMMIT",
+                [*ids, *count_args],
             )
+            for _ in range(4):
+                await cur.nextset()
+            (moved,) = await cur.fetchone()
+            await _drain(cur)
+            return int(moved)
 
     async def reclaim_stale(
         self, lease_seconds: float, limit: int, queue_empty: bool, fence: Fence | None = None
@@ -282,8 +314,12 @@ class MessageStore(MessageQueries):
                         " m.attempts = m.attempts + 1, m.delivery_token = NULL, m.lease_expires_at = NULL,"
                         " m.queued_at = IF(v.kind = 'retry', NULL, m.queued_at),"
                         " m.next_attempt_at = IF(v.kind = 'retry', UTC_TIMESTAMP(6), NULL)"
-                        " WHERE m.status = 'sending'",
+                        " , m.failed_at = IF(v.kind = 'retry', NULL, UTC_TIMESTAMP(6)) WHERE m.status = 'sending'",
                         values,
+                    )
+                    retried = sum(w.kind == "retry" for w in swept)
+                    await cur.execute(
+                        *_moved({"sending": -len(swept), "pending": retried, "failed": len(swept) - retried})
                     )
                     await cur.execute(
                         "INSERT INTO message_attempts"
@@ -317,19 +353,27 @@ class MessageStore(MessageQueries):
             return {}
         ids = sorted({i for i, _ in claims})
         table, values = _values_table(list(claims), ("id", "tok"))
+        counts, count_args = _moved(
+            {"queued": "-@moved", "sending": "IF(@on, @moved, 0)", "pending": "IF(@on, 0, @moved)"}
+        )
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id JOIN dispatch_state AS d ON d.id = 1"
+                "START TRANSACTION;"
+                f" UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id JOIN dispatch_state AS d ON d.id = 1"
                 " SET m.status = IF(d.sending, 'sending', 'pending'), m.delivery_token = IF(d.sending, v.tok, NULL),"
                 " m.lease_expires_at = IF(d.sending, UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, NULL),"
                 " m.at_least_once = %s, m.queued_at = IF(d.sending, m.queued_at, NULL),"
                 " m.published_at = IF(d.sending, m.published_at, NULL)"
                 " WHERE m.status = 'queued';"
+                # The switch cannot change before this transaction ends: the join holds its row shared.
+                " SET @moved = ROW_COUNT(), @on = (SELECT sending FROM dispatch_state WHERE id = 1 LOCK IN SHARE MODE);"
+                f" {counts};"
                 " SELECT id, recipient, content, status, attempts, delivery_token"
-                f" FROM messages WHERE id IN ({_in(ids)})",
-                [*values, _micros(lease_seconds), at_least_once, *ids],
+                f" FROM messages WHERE id IN ({_in(ids)}); COMMIT",
+                [*values, _micros(lease_seconds), at_least_once, *count_args, *ids],
             )
-            await cur.nextset()
+            for _ in range(4):
+                await cur.nextset()
             found = await cur.fetchall()
             await _drain(cur)
         return {int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4]), r[5]) for r in found}
@@ -402,6 +446,11 @@ class MessageStore(MessageQueries):
                     assert isinstance(sent_at, dt.datetime)
                     recorded.update(dict.fromkeys(sent, sent_at))
                 self._outcome_statements(live, statements, args)
+                kinds = [o.kind for o in live]
+                moves = {"sending": -len(live), "sent": kinds.count("sent"), "pending": kinds.count("retry")}
+                count_sql, count_args = _moved({**moves, "failed": kinds.count("failed")})
+                statements.append(count_sql)
+                args += count_args
                 statements.append("COMMIT")
                 await cur.execute(";\n".join(statements), args)
                 await _drain(cur)
@@ -429,7 +478,8 @@ class MessageStore(MessageQueries):
             statements.append(
                 f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
                 " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
-                " m.next_attempt_at = NULL, m.lease_expires_at = NULL WHERE m.status = 'sending'"
+                " m.next_attempt_at = NULL, m.lease_expires_at = NULL, m.failed_at = UTC_TIMESTAMP(6)"
+                " WHERE m.status = 'sending'"
             )
             args += values
         if outcomes:
@@ -445,13 +495,94 @@ class MessageStore(MessageQueries):
     async def record_unrecordable(self, outcome: Outcome, reason: str) -> bool:
         """The last resort for an outcome that cannot be written (e.g. a value out of the column's range): mark
         its row ``failed`` with ``reason``, touching nothing else, so it does not stay ``sending``."""
+        counts, count_args = _moved({"sending": "-@moved", "failed": "@moved"})
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            changed = await cur.execute(
-                "UPDATE messages SET status = 'failed', last_error = %s, next_attempt_at = NULL,"
-                " lease_expires_at = NULL WHERE id = %s AND status = 'sending' AND delivery_token = %s",
-                (reason[:1000], outcome.id, outcome.token),
+            await cur.execute(
+                "START TRANSACTION; UPDATE messages SET status = 'failed', last_error = %s, next_attempt_at = NULL,"
+                " lease_expires_at = NULL, failed_at = UTC_TIMESTAMP(6)"
+                f" WHERE id = %s AND status = 'sending' AND delivery_token = %s; SET @moved = ROW_COUNT(); {counts};"
+                " SELECT @moved; COMMIT",
+                [reason[:1000], outcome.id, outcome.token, *count_args],
             )
-        return bool(changed)
+            for _ in range(4):
+                await cur.nextset()
+            (moved,) = await cur.fetchone()
+            await _drain(cur)
+        return bool(moved)
+
+    # --- the counts by status, retention ----------------------------------------------------------
+
+    async def recount(self) -> dict[str, int]:
+        """Rebuild ``message_counts`` from the table (after rows were changed by hand; ``message-sender
+        recount``). Every transition updates the counts in its own transaction: holding all their rows first
+        makes those wait, so the count read next is exact however busy the pipeline is."""
+        statuses = ("pending", "queued", "sending", "sent", "failed")
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await cur.execute(
+                    "INSERT INTO message_counts (status, shard, n) VALUES "
+                    + ", ".join(["(%s, %s, 0)"] * (len(statuses) * COUNT_SHARDS))
+                    + " ON DUPLICATE KEY UPDATE n = n",
+                    [v for st in statuses for shard in range(COUNT_SHARDS) for v in (st, shard)],
+                )
+                await cur.execute("SELECT status FROM message_counts FOR UPDATE")
+                await cur.fetchall()
+                await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
+                counts = dict.fromkeys(statuses, 0) | {str(st): int(n) for st, n in await cur.fetchall()}
+                await cur.execute("UPDATE message_counts SET n = 0")
+                table, values = _values_table(list(counts.items()), ("st", "n"))
+                await cur.execute(
+                    f"UPDATE message_counts AS c JOIN ({table}) AS v ON v.st = c.status"
+                    " SET c.n = v.n WHERE c.shard = 0",
+                    values,
+                )
+                await cur.execute(
+                    "UPDATE counters SET value = GREATEST(value, (SELECT COALESCE(MAX(sent_seq), 0) FROM messages))"
+                    " WHERE name = 'sent'"
+                )
+                await conn.commit()
+                return counts
+            except BaseException:
+                await _rollback(conn)
+                raise
+
+    async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int]:
+        """One retention batch: up to ``limit`` ``sent`` rows sent and up to ``limit`` ``failed`` rows failed
+        more than ``days`` ago, oldest first, with their attempt rows and their counts, in one short
+        transaction (index ranges of ``ix_messages_sent`` and ``ix_messages_failed_at``; rows in use are
+        skipped, not waited for). Removing the oldest sent rows keeps offsets and cursors of the sent list
+        right: the numbering of the others does not move. Returns ``(sent, failed)`` removed."""
+        cutoff = "UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
+        age = _micros(days * 86400)
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await conn.begin()
+            try:
+                await _check_fence(cur, fence)
+                await cur.execute(
+                    f"SELECT id FROM messages WHERE status = 'sent' AND sent_at < {cutoff}"
+                    " ORDER BY sent_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (age, limit),
+                )
+                sent = [int(r[0]) for r in await cur.fetchall()]
+                await cur.execute(
+                    f"SELECT id FROM messages WHERE failed_at < {cutoff} AND status = 'failed'"
+                    " ORDER BY failed_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (age, limit),
+                )
+                failed = [int(r[0]) for r in await cur.fetchall()]
+                ids = sent + failed
+                if ids:
+                    await cur.execute(f"DELETE FROM message_attempts WHERE message_id IN ({_in(ids)})", ids)
+                    await cur.execute(f"DELETE FROM messages WHERE id IN ({_in(ids)})", ids)
+                    await cur.execute(*_moved({"sent": -len(sent), "failed": -len(failed)}))
+                await conn.commit()
+                return len(sent), len(failed)
+            except BaseException:
+                await _rollback(conn)
+                raise
 
     # --- the dispatch switch, leadership and ticks -----------------------------------------------
 

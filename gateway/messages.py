@@ -93,7 +93,7 @@ async def list_messages(request: web.Request) -> web.Response:
     cursor = decode_cursor(after) if after is not None else None
     key = (limit, offset, after)
     pages = request.app[PAGES]
-    page = pages.get(key, await store.sent_total())
+    page = pages.get(key, await store.sent_version())
     if page is None:
         page = await store.sent_page(limit, offset, cursor)
         pages.put(key, page)

@@ -68,11 +68,12 @@ def next_link(limit: int, last_key: str) -> str:
 
 
 class PageCache:
-    """Recently served pages of the sent list, each valid for one value of the sent counter.
+    """Recently served pages of the sent list, each valid for one version of the sent list.
 
-    Every change to the set of sent messages bumps the counter in the same commit, so a page is
-    served again only after checking the counter (one primary-key read) is unchanged: never stale,
-    and far cheaper than rebuilding the page. Small pages only, a bounded number of them."""
+    Every change to the set of sent messages changes its version (the numbering high-water mark and the
+    number of sent rows) in the same commit, so a page is served again only after checking the version (two
+    primary-key reads) is unchanged: never stale, and far cheaper than rebuilding the page. Small pages
+    only, a bounded number of them."""
 
     MAX_ENTRIES = 256
     MAX_LIMIT = 100
@@ -80,9 +81,9 @@ class PageCache:
     def __init__(self) -> None:
         self._pages: OrderedDict[tuple[int, int, str | None], SentPage] = OrderedDict()
 
-    def get(self, key: tuple[int, int, str | None], total: int) -> SentPage | None:
+    def get(self, key: tuple[int, int, str | None], version: tuple[int, int]) -> SentPage | None:
         page = self._pages.get(key)
-        if page is None or page.total != total:
+        if page is None or page.version != version:
             return None
         self._pages.move_to_end(key)
         return page

@@ -11,3 +11,4 @@ PUBLISHED = Counter("producer_published_total", "Claimed messages published with
 REPUBLISHED = Counter("producer_stale_republished_total", "Stale claims published again")
 RELEASED = Counter("producer_released_total", "Claims put back to pending because their publish was not confirmed")
 SWEPT = Counter("producer_swept_total", "Sending rows settled by the sweep after their lease ran out")
+RETENTION = Counter("producer_retention_removed_total", "Messages removed by retention (RETENTION_DAYS)", ["status"])

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 MAINTENANCE_SECONDS = 1.0  # how often the leader sweeps expired sending leases (and looks at stale claims)
 TICK_DEADLINE_SECONDS = topology.PUBLISH_TIMEOUT_SECONDS + 20  # a tick that takes longer is abandoned
 SWEEP_LIMIT = 500
+RETENTION_EVERY_SECONDS = 60.0  # the leader removes expired rows at most this often,
+RETENTION_BATCH = 1000  # in transactions of at most this many rows of each status,
+RETENTION_BUDGET_SECONDS = 5.0  # for at most this long per run (the rest waits for the next run)
 # /healthz turns unhealthy when the loop has not come round for this long beyond its deadline, or RabbitMQ
 # has been away this long.
 STALL_SECONDS = 30.0
@@ -66,6 +69,7 @@ class Producer:
         self.fence: Fence | None = None  # set while this replica holds the leader lease
         self.ready = False
         self.next_stale_check = 0.0
+        self.next_retention = 0.0
         self.last_loop = time.monotonic()
         self.amqp_down_since: float | None = None
 
@@ -274,6 +278,9 @@ class Producer:
                 if row.kind == "failed":
                     await self._dead_letter_copy(row)
         now = asyncio.get_running_loop().time()
+        if s.retention_days and now >= self.next_retention:
+            self.next_retention = now + RETENTION_EVERY_SECONDS
+            await self.retain()
         if now < self.next_stale_check or report.sending is False:
             return
         self.next_stale_check = now + max(s.send_interval_seconds, min(s.claim_lease_seconds / 4, 10.0))
@@ -292,6 +299,28 @@ class Producer:
             )
             report.republished, _ = await self._publish(stale, fresh=False)
             metrics.REPUBLISHED.inc(report.republished)
+
+    async def retain(self) -> None:
+        """Remove ``sent`` and ``failed`` rows older than ``RETENTION_DAYS`` in small batches (short locks, no
+        long transaction), within a time budget; one log line and the metric say how many went."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETENTION_BUDGET_SECONDS
+        sent = failed = 0
+        while loop.time() < deadline:
+            a, b = await self.store.remove_expired(self.settings.retention_days, RETENTION_BATCH, self.fence)
+            sent, failed = sent + a, failed + b
+            metrics.RETENTION.labels("sent").inc(a)
+            metrics.RETENTION.labels("failed").inc(b)
+            if a < RETENTION_BATCH and b < RETENTION_BATCH:
+                break
+        if sent or failed:
+            log.info(
+                "retention: removed %d sent and %d failed messages older than %g days",
+                sent,
+                failed,
+                self.settings.retention_days,
+                extra={"removed_sent": sent, "removed_failed": failed},
+            )
 
     async def _dead_letter_copy(self, row: Swept) -> None:
         copy = {"id": row.id, "recipient": row.recipient, "content": row.content, "error": row.error}

@@ -192,6 +192,7 @@ async def assert_accounting(
 ) -> Accounting:
     """The invariant every scenario ends with:
 
+    - the counts by status kept in ``message_counts`` equal a full ``GROUP BY`` of the table;
     - every row is ``sent`` or ``failed``, every ``failed`` row with a reason (nothing ``pending``,
       ``queued`` or ``sending`` is left);
     - the stand-in got no request for an id that is not a row;
@@ -210,6 +211,12 @@ async def assert_accounting(
     out = Accounting()
     by_status = collections.Counter(str(r[1]) for r in rows)
     assert set(by_status) <= set(TERMINAL), f"rows left unfinished: {dict(by_status)}"
+    kept = {
+        str(st): int(n) for st, n in await query(settings, "SELECT status, SUM(n) FROM message_counts GROUP BY status")
+    }
+    assert {st: n for st, n in kept.items() if n} == dict(by_status), (
+        f"the counts by status ({kept}) differ from the table ({dict(by_status)})"
+    )
     requests: collections.Counter[int] = collections.Counter()
     unknown: collections.Counter[int] = collections.Counter()
     accepted: collections.Counter[int] = collections.Counter()  # attempts the webhook accepted (2xx)

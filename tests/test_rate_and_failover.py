@@ -89,6 +89,7 @@ async def test_stale_claims_are_republished_at_the_rate_of_one_batch(
     placeholders = ", ".join(["%s"] * len(ids))
     async with store.pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(f"UPDATE messages SET status = 'queued', queued_at = NULL WHERE id IN ({placeholders})", ids)
+    await store.recount()  # rows changed by hand: what `message-sender recount` does
     await store.set_sending(True)
     start(cluster, "producer", SEND_BATCH_SIZE=BATCH, SEND_INTERVAL_SECONDS=INTERVAL, CLAIM_LEASE_SECONDS=1)
     start(cluster, "consumer")

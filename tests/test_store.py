@@ -235,3 +235,75 @@ async def test_retrying_a_message_whose_outcome_is_unknown_needs_force(store: Me
     with pytest.raises(ConflictError, match="force=true"):
         await store.retry_failed(mid)
     assert (await store.retry_failed(mid, force=True))["status"] == "pending"
+
+
+async def _counts_match(store: MessageStore, settings: Settings) -> dict[str, int]:
+    kept = await store.counts_by_status()
+    table = {str(st): int(n) for st, n in await sql(settings, "SELECT status, COUNT(*) FROM messages GROUP BY status")}
+    assert {k: v for k, v in kept.items() if v} == table
+    return kept
+
+
+async def test_counts_follow_every_transition_and_hand_inserts(store: MessageStore, settings: Settings) -> None:
+    """The counts by status are kept in the transactions that move rows (and by the insert trigger for rows
+    inserted by hand), so they equal a full GROUP BY after each step."""
+    ids = await seed(store, 6)
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'by hand')")
+    assert (await _counts_match(store, settings))["pending"] == 7
+    claimed = await store.claim(5)
+    await store.release(claimed[:1])
+    won = await store.begin_sending([(i, 1) for i in claimed[1:]], lease_seconds=0.001)
+    assert all(d.won_by(1) for d in won.values())
+    await _counts_match(store, settings)
+    now = utcnow()
+    a, b, c, _ = claimed[1:]
+    await store.record_outcomes(
+        [
+            Outcome(a, "sent", 1, 1, now, now, 202),
+            Outcome(b, "retry", 1, 1, now, now, 503, error="HTTP 503", next_attempt_at=now),
+            Outcome(c, "failed", 1, 1, now, now, 400, error="HTTP 400"),
+        ]
+    )
+    await asyncio.sleep(0.01)
+    await store.sweep_sending(max_attempts=5, limit=10)  # d's lease lapsed
+    await store.retry_failed(c)
+    await store.set_sending(False)
+    again = await store.claim(2)
+    await store.begin_sending([(i, 2) for i in again])  # stopped: back to pending
+    kept = await _counts_match(store, settings)
+    assert kept["sent"] == 1 and kept["failed"] == 1 and kept["sending"] == 0, (kept, ids)
+
+
+async def test_recount_repairs_counts_after_changes_by_hand(store: MessageStore, settings: Settings) -> None:
+    ids = await seed(store, 4)
+    await sql(settings, "UPDATE messages SET status = 'failed' WHERE id = %s", (ids[0],))
+    await sql(settings, "DELETE FROM messages WHERE id = %s", (ids[1],))
+    assert (await store.counts_by_status())["pending"] == 4, "hand updates are not seen..."
+    assert (await store.recount())["failed"] == 1
+    await _counts_match(store, settings)
+
+
+async def test_retention_removes_exactly_the_expired_rows_and_keeps_pages_right(
+    store: MessageStore, settings: Settings
+) -> None:
+    ids = await seed(store, 8)
+    await store.claim(8)
+    await store.begin_sending([(i, 1) for i in ids])
+    now = utcnow()
+    old = now - dt.timedelta(days=3)
+    await store.record_outcomes([Outcome(i, "sent", 1, 1, now, now, 202) for i in ids[:5]])
+    await store.record_outcomes([Outcome(i, "failed", 1, 1, now, now, 400, error="x") for i in ids[5:7]])
+    await sql(settings, "UPDATE messages SET sent_at = %s WHERE id IN (%s, %s)", (old, ids[0], ids[1]))
+    await sql(settings, "UPDATE messages SET failed_at = %s WHERE id = %s", (old, ids[5]))
+    before = orjson.loads((await store.sent_page(2, offset=1)).json)
+    assert await store.remove_expired(days=1, limit=1) == (1, 1)
+    assert await store.remove_expired(days=1, limit=10) == (1, 0)
+    assert await store.remove_expired(days=1, limit=10) == (0, 0)
+    left = {int(i) for (i,) in await sql(settings, "SELECT id FROM messages")}
+    assert left == set(ids) - {ids[0], ids[1], ids[5]}
+    assert await sql(
+        settings, "SELECT COUNT(*) FROM message_attempts WHERE message_id IN (%s, %s, %s)", (ids[0], ids[1], ids[5])
+    ) == [(0,)]
+    page = await store.sent_page(2, offset=1)
+    assert page.total == 3 and orjson.loads(page.json) == before, "offsets from the newest do not move"
+    await _counts_match(store, settings)
