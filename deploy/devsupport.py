@@ -32,7 +32,7 @@ import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from common.settings import Secret, Settings
@@ -52,7 +52,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+def answers(host: str, port: int, timeout: float = 3.0) -> bool:
     """Something accepts TCP connections at ``host:port``."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -138,11 +138,11 @@ class Process:
             )  # fmt: skip
 
     @classmethod
-    def module(cls, name: str, module: str, env: Mapping[str, str], log_dir: Path) -> Process:
+    def module(cls, name: str, module: str, env: Mapping[str, str], log_dir: Path) -> Self:
         return cls(name, [sys.executable, "-m", module], env, log_dir)
 
     @classmethod
-    def standin(cls, name: str, env: Mapping[str, str], log_dir: Path, port: int | None = None) -> Process:
+    def standin(cls, name: str, env: Mapping[str, str], log_dir: Path, port: int | None = None) -> Self:
         """The local webhook stand-in on ``port`` (a free one by default), in ``.port``."""
         port = port or free_port()
         proc = cls(name, [sys.executable, str(STANDIN), "--port", str(port)], env, log_dir)
@@ -199,6 +199,7 @@ class RabbitAdmin(Protocol):
     def create_vhost(self, vhost: str, user: str) -> None: ...
     def delete_vhost(self, vhost: str) -> None: ...
     def close_connections(self, vhost: str) -> int: ...
+    def vhosts(self) -> list[str]: ...
 
 
 class ManagementAPI:
@@ -237,6 +238,9 @@ class ManagementAPI:
             self._call("DELETE", f"/connections/{quote(name, safe='')}")
         return len(names)
 
+    def vhosts(self) -> list[str]:
+        return [str(v["name"]) for v in self._call("GET", "/vhosts") or []]
+
     def version(self) -> str:
         return str(self._call("GET", "/overview").get("rabbitmq_version"))
 
@@ -269,6 +273,9 @@ class Rabbitmqctl:
         for name in names:
             self.run("close_connection", name, "closed by the test suite", check=False)
         return len(names)
+
+    def vhosts(self) -> list[str]:
+        return self.run("list_vhosts", "name").split()
 
 
 def amqp_credentials(s: Settings) -> tuple[str, str]:

@@ -72,7 +72,7 @@ def base_settings() -> Settings:
 @pytest.fixture(scope="session", autouse=True)
 def services_up(base_settings: Settings) -> None:
     for name, host, port in dependencies(base_settings):
-        if not answers(host, port):
+        if not answers(host, port, 1):
             pytest.exit(
                 f"{name} does not answer on {host}:{port}; start it with `make services` "
                 "(deploy/local-services.sh ensure)",
