@@ -167,10 +167,11 @@ SECRETS = {
 }
 
 
+@pytest.mark.private("mysql")  # it creates a MySQL account: on a private server, not the machine's
 async def test_every_log_line_is_json_and_no_secret_is_logged_or_answered(
     settings: Settings, store: MessageStore, cluster: Cluster, standin: StandIn, run_id: str
 ) -> None:
-    # A MySQL account with a password (the test server's root has none), dropped at the end.
+    # A MySQL account with a password (the private server's root has none), dropped at the end.
     await sql(settings, f"CREATE USER '{run_id}'@'%%' IDENTIFIED BY %s", (SECRETS["MYSQL_PASSWORD"],))
     try:
         await sql(settings, f"GRANT ALL ON `{run_id}`.* TO '{run_id}'@'%%'")
