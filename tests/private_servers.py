@@ -72,17 +72,17 @@ class PrivateServer:
         raise NotImplementedError
 
     @property
-    def running(self) -> TCPExecutor:
+    def process(self) -> TCPExecutor:
         assert self.executor is not None, f"the private {self.name} server was not started"
         return self.executor
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.running.stop)
+        await asyncio.to_thread(self.process.stop)
 
     async def start(self) -> None:
         """Start it again (same port, same data) and wait until it answers; a no-op if it runs."""
-        if not self.running.running():
-            await asyncio.to_thread(self.running.start)
+        if not self.process.running():
+            await asyncio.to_thread(self.process.start)
 
     def close(self) -> None:
         try:
