@@ -48,6 +48,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.stash[SERVERS_BEFORE] = server_processes(machine_settings())
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    seen = server_processes(machine_settings())
+    shown = [f"{name} pid {proc[0]}" if proc else f"{name} (process not visible)" for name, proc in seen.items()]
+    return "machine's servers, checked unchanged at the end: " + ", ".join(shown)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a test stopped, restarted or replaced one of the machine's servers."""
     before = session.stash.get(SERVERS_BEFORE, None)
