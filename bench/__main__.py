@@ -30,7 +30,7 @@ from common.db import create_pool
 from common.errors import SettingsError
 from common.migrations import migrate
 from common.settings import Settings
-from deploy.devsupport import ManagementAPI, Sandbox, amqp_credentials
+from deploy.devsupport import ManagementAPI, Sandbox
 
 
 def say(text: str) -> None:
@@ -62,13 +62,6 @@ async def start_gateway(procs: Procs, env: dict[str, str]) -> tuple[Proc, str]:
     return gateway, base
 
 
-def bench_sandbox(base: Settings) -> Sandbox:
-    """The run's own database, vhost and Redis prefix (the vhost through ``BENCH_RABBITMQ_API`` when set)."""
-    api = os.environ.get("BENCH_RABBITMQ_API")
-    rabbit = ManagementAPI(api.rstrip("/") + "/api", *amqp_credentials(base)) if api else None
-    return Sandbox(base, f"ms_bench_{secrets.token_hex(4)}", rabbit)
-
-
 def service_env(sandbox: Sandbox) -> dict[str, str]:
     """The environment of every service process of this run (metrics listeners off unless overridden)."""
     quiet = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text", "API_TOKEN": ""}
@@ -88,7 +81,7 @@ async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:
 
 async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
-    sandbox = bench_sandbox(base)
+    sandbox = Sandbox(base, f"ms_bench_{secrets.token_hex(4)}")  # its own database, vhost and Redis prefix
     pool = None
     r["run"] = sandbox.name
     procs = Procs(ROOT / "bench" / "results" / sandbox.name)
