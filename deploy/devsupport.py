@@ -122,7 +122,7 @@ def dependencies(s: Settings) -> list[tuple[str, str, int]]:
 
 
 class Process:
-    """One child process (``python -m <module>``, the stand-in, a server), its output in
+    """One child process (``python -m <module>``, the stand-in), its output in
     ``<log_dir>/<name>.log``, in its own session (a Ctrl-C of the parent reaches the parent only)."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path, cwd: Path = ROOT) -> None:
