@@ -22,7 +22,7 @@ services: ## make sure MariaDB, Redis and RabbitMQ answer on localhost (start th
 	@bash deploy/local-services.sh ensure
 
 run: $(STAMP) ## run gateway, producer, consumer and the local webhook stand-in (Ctrl-C stops all)
-	@$(BIN)/python deploy/run.py
+	@$(BIN)/python -m deploy.run
 
 test: $(STAMP) services ## lint, types and the whole test suite against the real MySQL, Redis and RabbitMQ
 	$(BIN)/ruff check .

@@ -8,9 +8,11 @@ the JSON line to ``bench/results/<run>/`` (git-ignored; the last 10 runs are kep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import sys
 import time
@@ -24,9 +26,11 @@ from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
 from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
 from bench.report import summary, table
-from bench.sandbox import Sandbox
+from common.db import create_pool
 from common.errors import SettingsError
+from common.migrations import migrate
 from common.settings import Settings
+from deploy.devsupport import ManagementAPI, Sandbox
 
 
 def say(text: str) -> None:
@@ -58,17 +62,37 @@ async def start_gateway(procs: Procs, env: dict[str, str]) -> tuple[Proc, str]:
     return gateway, base
 
 
+def service_env(sandbox: Sandbox) -> dict[str, str]:
+    """The environment of every service process of this run (metrics listeners off unless overridden)."""
+    quiet = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text", "API_TOKEN": ""}
+    return {**sandbox.env(), **quiet, "PRODUCER_METRICS_PORT": "0", "CONSUMER_METRICS_PORT": "0"}
+
+
+async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:
+    out: dict[str, str] = {}
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT VERSION()")
+        out["mysql"] = str((await cur.fetchone())[0])
+    if isinstance(sandbox.rabbit, ManagementAPI):
+        with contextlib.suppress(Exception):
+            out["rabbitmq"] = await asyncio.to_thread(sandbox.rabbit.version)
+    return out
+
+
 async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
-    sandbox = Sandbox(base)
+    sandbox = Sandbox(base, f"ms_bench_{secrets.token_hex(4)}")  # its own database, vhost and Redis prefix
+    pool = None
     r["run"] = sandbox.name
     procs = Procs(ROOT / "bench" / "results" / sandbox.name)
     services: dict[str, Proc] = {}
     started = time.monotonic()
     r["loadavg_start"] = os.getloadavg()[0]
     try:
-        pool = await sandbox.open()
-        r["versions"] = await sandbox.server_versions()
+        await asyncio.to_thread(sandbox.create)
+        pool = await create_pool(sandbox.settings, maxsize=4)
+        await migrate(pool)
+        r["versions"] = await server_versions(pool, sandbox)
         say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
         if cfg.runs("limit"):
             try:
@@ -77,7 +101,7 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
             except Exception as exc:
                 r["errors"]["limit"] = _error(exc)
-        env = sandbox.service_env()
+        env = service_env(sandbox)
         base_url = None
         if cfg.runs("api"):
             try:
@@ -109,7 +133,10 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
         r["errors"]["setup"] = _error(exc)
     finally:
         procs.stop_all()
-        problems = await sandbox.close()
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()
+        problems = await asyncio.to_thread(sandbox.remove)
         if problems:
             r["errors"]["cleanup"] = "; ".join(problems)
         r["seconds"] = time.monotonic() - started

@@ -97,9 +97,9 @@ class Deliveries:
                     raise
                 if not self.db_down:
                     self.db_down = True
-                    log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=10s", what, exc)
+                    log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=2s", what, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 2.0)  # soon after MySQL is back: well within the sweep's grace
                 continue
             if self.db_down:
                 self.db_down = False

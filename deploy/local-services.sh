@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the local MariaDB/MySQL, Redis and RabbitMQ answer; start the ones that are installed but
-# stopped. Usage: deploy/local-services.sh [ensure|check]
+# stopped. A server that answers is left exactly as it is: never restarted, reconfigured or given a plugin
+# (CI enables what it needs itself, in .ci/run). Usage: deploy/local-services.sh [ensure|check]
 #   check   only report; exit 1 naming the first service that does not answer
-#   ensure  start what is installed but stopped, enable the RabbitMQ management UI, wait until all answer
+#   ensure  start what is installed but stopped (saying so), wait until all answer
 set -uo pipefail
 mode=${1:-ensure}
 
@@ -51,7 +52,10 @@ status=0
 for svc in "MySQL $MYSQL_HOST $MYSQL_PORT start_mysql" "Redis $REDIS_HOST $REDIS_PORT start_redis" \
            "RabbitMQ $AMQP_HOST $AMQP_PORT start_rabbitmq"; do
     set -- $svc
-    answers "$2" "$3" && continue
+    if answers "$2" "$3"; then
+        [ "$mode" = ensure ] && echo "$1 answers on $2:$3: left as it is" >&2
+        continue
+    fi
     if [ "$mode" = check ]; then
         echo "error: $1 does not answer on $2:$3; $(hint "$1")" >&2
         exit 1
@@ -66,8 +70,4 @@ for svc in "MySQL $MYSQL_HOST $MYSQL_PORT start_mysql" "Redis $REDIS_HOST $REDIS
 done
 [ $status -eq 0 ] || exit $status
 
-if [ "$mode" = ensure ] && command -v rabbitmq-plugins >/dev/null 2>&1 && ! answers 127.0.0.1 15672; then
-    rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null 2>&1 || true
-    wait_for "RabbitMQ management UI" 127.0.0.1 15672 60 || true
-fi
 exit 0

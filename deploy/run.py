@@ -14,17 +14,15 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from common.errors import SettingsError
 from common.settings import Settings
+from deploy.devsupport import STANDIN, address, answers, dependencies, http_ok, wait_http
 
-STANDIN = Path(__file__).resolve().parent / "standin.py"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 HINTS = {
     "MySQL": "start it (make services, or start mariadbd / mysqld)",
@@ -52,27 +50,6 @@ def fail(message: str) -> int:
     return 1
 
 
-def answers(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def dependencies(s: Settings) -> list[tuple[str, str, int]]:
-    redis, amqp = urlsplit(s.redis_url.reveal()), urlsplit(s.amqp_url.reveal())
-    deps = [("MySQL", s.mysql_host, s.mysql_port)]
-    if redis.scheme != "unix":  # a unix socket is the user's own set-up; the services report it if it is wrong
-        deps.append(("Redis", redis.hostname or "127.0.0.1", redis.port or 6379))
-    deps.append(("RabbitMQ", amqp.hostname or "127.0.0.1", amqp.port or (5671 if amqp.scheme == "amqps" else 5672)))
-    return deps
-
-
 async def apply_migrations(s: Settings) -> list[int]:
     from common.db import create_pool
     from common.migrations import migrate
@@ -91,30 +68,6 @@ def _die_with_parent() -> Callable[[], None] | None:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     return lambda: libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-async def http_ok(host: str, port: int, path: str) -> bool:
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        return (await asyncio.wait_for(reader.readline(), 2)).split()[1:2] == [b"200"]
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-
-
-async def wait_http(host: str, port: int, path: str, proc: asyncio.subprocess.Process, timeout: float = 1e9) -> bool:
-    """Poll ``GET path`` until it answers 200, or ``proc`` exits, or ``timeout`` seconds pass."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await http_ok(host, port, path):
-        if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.2)
-    return True
 
 
 class Supervisor:
@@ -163,7 +116,7 @@ class Supervisor:
             proc = await self.spawn(
                 "standin", sys.executable, str(STANDIN), "--host", standin[0], "--port", str(standin[1])
             )
-            await wait_http(*standin, "/_control/health", proc, timeout=10)
+            await wait_http(*standin, "/_control/health", lambda: proc.returncode is None, timeout=10)
         for name in ("gateway", "producer", "consumer"):
             if not self.stop.is_set() and all(p.returncode is None for p in self.children.values()):
                 await self.spawn(name, sys.executable, "-m", name)
@@ -213,7 +166,11 @@ class Supervisor:
         wildcard = s.gateway_host in ("0.0.0.0", "::", "")
         probe, shown = ("127.0.0.1", "localhost") if wildcard else (s.gateway_host, s.gateway_host)
         gateway = self.children.get("gateway")
-        if gateway is None or not await wait_http(probe, s.gateway_port, "/healthz", gateway):
+
+        def alive() -> bool:
+            return gateway is not None and gateway.returncode is None
+
+        if gateway is None or not await wait_http(probe, s.gateway_port, "/healthz", alive):
             return
         base = f"http://{address(shown, s.gateway_port)}"
         amqp = urlsplit(s.amqp_url.reveal()).hostname or "127.0.0.1"

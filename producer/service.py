@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 MAINTENANCE_SECONDS = 1.0  # how often the leader sweeps expired sending leases (and looks at stale claims)
 TICK_DEADLINE_SECONDS = topology.PUBLISH_TIMEOUT_SECONDS + 20  # a tick that takes longer is abandoned
 SWEEP_LIMIT = 500
+# After MySQL was away for this producer, the sweep waits this long: consumers that kept their requests'
+# outcomes while MySQL was down commit them first (they retry every 2 s at most), instead of their rows being
+# taken for lost the moment MySQL answers again.
+SWEEP_GRACE_SECONDS = 10.0
 RETENTION_EVERY_SECONDS = 60.0  # the leader removes expired rows at most this often,
 RETENTION_BATCH = 1000  # in transactions of at most this many rows of each status,
 RETENTION_BUDGET_SECONDS = 5.0  # for at most this long per run (the rest waits for the next run)
@@ -70,6 +74,7 @@ class Producer:
         self.ready = False
         self.next_stale_check = 0.0
         self.next_retention = 0.0
+        self.db_back_at = 0.0  # when the renewal found MySQL again after failing (monotonic)
         self.last_loop = time.monotonic()
         self.amqp_down_since: float | None = None
 
@@ -198,6 +203,10 @@ class Producer:
                 if self.fence is not None:
                     log.warning("producer %s could not renew its leader lease (%s)", self.name, error_text(exc))
                 fence = None
+                self.db_back_at = float("inf")
+            else:
+                if self.db_back_at == float("inf"):
+                    self.db_back_at = time.monotonic()
             if (fence is None) != (self.fence is None) or (fence and self.fence and fence.epoch != self.fence.epoch):
                 log.info(
                     "producer %s %s the leader%s",
@@ -262,7 +271,9 @@ class Producer:
         """The leader's sweeps: settle ``sending`` rows whose lease ran out; re-publish lost claims (at most
         every quarter lease, <= 10 s: looking scans the queued rows)."""
         s = self.settings
-        swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, self.fence)
+        swept: list[Swept] = []
+        if time.monotonic() - self.db_back_at >= SWEEP_GRACE_SECONDS:
+            swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, self.fence)
         report.swept = len(swept)
         if swept:
             metrics.SWEPT.inc(len(swept))

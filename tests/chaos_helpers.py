@@ -1,17 +1,12 @@
 """Helpers of the fault-injection suite (tests/test_chaos.py): load, the accounting invariant, service
-logs, and stopping the machine's shared servers for a few seconds (always bringing them back)."""
+logs, and outages of a private server (``tests/private_servers.py``: never one of the machine's own)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import os
 import re
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +14,14 @@ from typing import Any
 import aiohttp
 import aiomysql
 import orjson
-import pytest
 import redis.asyncio as redis
 
 from common.settings import Settings
 from common.store import LEASE_LAPSED, MessageStore
+from deploy.devsupport import RabbitAdmin
 from tests.conftest import sql
-from tests.procs import ROOT, Cluster, Service, StandIn, wait_for
+from tests.private_servers import PrivateServer
+from tests.procs import Cluster, Service, StandIn, wait_for
 
 TERMINAL = ("sent", "failed")
 
@@ -462,142 +458,21 @@ class CuttingProxy:
             cwriter.transport.abort()
 
 
-async def drop_amqp_connections(vhost: str) -> int:
+async def drop_amqp_connections(rabbit: RabbitAdmin, vhost: str) -> int:
     """Have RabbitMQ close every client connection of ``vhost`` (as on a network blip or a missed
     heartbeat); returns how many it closed."""
-    from urllib.parse import quote
-
-    from tests.conftest import MANAGEMENT
-
-    auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
-    async with aiohttp.ClientSession(headers=auth) as session:
-        async with session.get(f"{MANAGEMENT}/vhosts/{quote(vhost, safe='')}/connections") as r:
-            r.raise_for_status()
-            names = [c["name"] for c in await r.json()]
-        for name in names:
-            async with session.delete(f"{MANAGEMENT}/connections/{quote(name, safe='')}") as r:
-                assert r.status in (204, 404), await r.text()
-    return len(names)
+    return await asyncio.to_thread(rabbit.close_connections, vhost)
 
 
-# --- shared servers: stop for a few seconds, always restore ----------------------------------------
-
-
-def _ancestors(pid: int) -> set[int]:
-    out = set()
-    while pid > 1:
-        out.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
-
-
-def other_test_runs() -> list[str]:
-    """Other pytest (or benchmark) runs on this machine: stopping a shared server would break them."""
-    got = subprocess.run(["pgrep", "-af", r"pytest|-m bench"], capture_output=True, text=True, check=False)
-    mine = _ancestors(os.getpid())
-    out = []
-    for line in got.stdout.splitlines():
-        pid = int(line.split(maxsplit=1)[0])
-        if pid not in mine and os.getpid() not in _ancestors(pid):
-            out.append(line[:120])
-    return out
-
-
-async def wait_alone(limit: float) -> None:
-    """Wait until this is the only test run on the machine (CI runs tests one at a time; developers may
-    not); skip, saying why, if that does not happen within ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while others := other_test_runs():
-        if time.monotonic() > deadline:
-            pytest.skip(f"other test runs on this machine would break if a shared server stopped: {others[:3]}")
-        await asyncio.sleep(2)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-async def _run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, list(argv), capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
-    )
-
-
-class SharedServer:
-    """One of the local servers every test uses: ``rabbitmq``, ``mysql`` or ``redis``."""
-
-    PORTS = {"rabbitmq": 5672, "mysql": 3306, "redis": 6379}
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = self.PORTS[name]
-        self.down = False
-
-    async def stop(self) -> None:
-        self.down = True
-        if self.name == "rabbitmq":
-            done = await _run("rabbitmqctl", "-q", "stop_app")
-        elif self.name == "mysql":
-            done = await _run("mysqladmin", "-uroot", "-h127.0.0.1", f"-P{self.port}", "shutdown")
-        else:
-            done = await _run("redis-cli", "-p", str(self.port), "shutdown", "nosave")
-        assert done.returncode == 0 or self.name == "redis", f"stopping {self.name}: {done.stderr}"
-        await wait_for(lambda: _async(not _answers(self.port)), 60, f"{self.name} to stop", interval=0.1)
-
-    async def start(self) -> None:
-        """Start it again and wait until it really serves; a no-op if it was not stopped."""
-        if not self.down:
-            return
-        if self.name == "rabbitmq":
-            done = await _run("rabbitmqctl", "-q", "start_app")
-            assert done.returncode == 0, f"rabbitmqctl start_app: {done.stderr}"
-            done = await _run("rabbitmqctl", "-q", "await_startup")
-            assert done.returncode == 0, f"rabbitmqctl await_startup: {done.stderr}"
-        else:
-            # The project's own way to start the installed servers (what `make services` runs).
-            done = await _run("bash", "deploy/local-services.sh", "ensure")
-            assert done.returncode == 0, f"deploy/local-services.sh ensure: {done.stderr}"
-        await wait_for(self._serves, 90, f"{self.name} to serve again", interval=0.5)
-        self.down = False
-
-    async def _serves(self) -> bool:
-        if not _answers(self.port):
-            return False
-        try:
-            if self.name == "mysql":
-                conn = await aiomysql.connect(host="127.0.0.1", port=self.port, user="root", password="")
-                conn.close()
-            elif self.name == "redis":
-                client = redis.Redis(host="127.0.0.1", port=self.port)
-                try:
-                    await client.ping()
-                finally:
-                    await client.aclose()
-        except (OSError, aiomysql.Error, redis.RedisError):
-            return False
-        return True
+# --- outages of a private server -------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def shared_outage(name: str, wait_limit: float) -> AsyncIterator[SharedServer]:
-    """``async with shared_outage("redis", ...) as server:`` stops the server (after waiting to be the only
-    test run), and brings it back in any case on the way out (``await server.start()`` does it earlier)."""
-    await wait_alone(wait_limit)
-    server = SharedServer(name)
+async def outage(server: PrivateServer) -> AsyncIterator[PrivateServer]:
+    """``async with outage(private_redis) as server:`` stops the private server and brings it back in any
+    case on the way out (``await server.start()`` does it earlier)."""
     try:
         await server.stop()
         yield server
     finally:
         await server.start()
-
-
-async def _async(value: Any) -> Any:
-    return value

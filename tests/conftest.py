@@ -1,15 +1,15 @@
-"""Fixtures: every test gets its own MySQL database, Redis key prefix and RabbitMQ vhost on the real
-local services, so test runs (and CI beside a developer) never see each other's data."""
+"""Fixtures: every test gets its own MySQL database, Redis key prefix and RabbitMQ vhost (a
+``deploy.devsupport.Sandbox``) on the servers the settings name (``MYSQL_*``, ``REDIS_URL``, ``AMQP_URL``,
+``.env``: what the services read), so test runs (and CI beside a developer) never see each other's data.
+
+A test marked ``@pytest.mark.private("mysql", "redis", "rabbitmq")`` gets its sandbox on private throwaway
+servers instead (``tests/private_servers.py``): the scenarios that stop a server stop only those.
+
+The session records which processes serve the configured MySQL, Redis and RabbitMQ ports before the first
+test, and fails the run if any of them is not the same process (pid and start time) at the end."""
 
 from __future__ import annotations
 
-import base64
-import json
-import os
-import socket
-import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -22,25 +22,63 @@ from common.db import connect_kwargs, create_pool
 from common.migrations import migrate
 from common.settings import Settings
 from common.store import MessageStore
+from deploy.devsupport import (
+    ROOT,
+    RabbitAdmin,
+    Sandbox,
+    ServerProcess,
+    answers,
+    changed_servers,
+    dependencies,
+    rabbitmq_admin,
+    server_processes,
+)
+from tests.private_servers import PrivateRabbitMQ, private_mysql, private_rabbitmq, private_redis
 
-MYSQL = ("127.0.0.1", int(os.environ.get("TEST_MYSQL_PORT", "3306")))
-REDIS = ("127.0.0.1", 6379)
-AMQP = ("127.0.0.1", 5672)
-MANAGEMENT = "http://127.0.0.1:15672/api"
+__all__ = ["private_mysql", "private_rabbitmq", "private_redis"]  # session fixtures, started on first use
+SERVERS_BEFORE = pytest.StashKey[dict[str, ServerProcess | None]]()
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
+def machine_settings() -> Settings:
+    """The connection settings of the machine's servers, as the services would read them here."""
+    return Settings.from_env(dotenv=ROOT / ".env")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.stash[SERVERS_BEFORE] = server_processes(machine_settings())
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seen = server_processes(machine_settings())
+    shown = [f"{name} pid {proc[0]}" if proc else f"{name} (process not visible)" for name, proc in seen.items()]
+    return "machine's servers, checked unchanged at the end: " + ", ".join(shown)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test stopped, restarted or replaced one of the machine's servers."""
+    before = session.stash.get(SERVERS_BEFORE, None)
+    if before is None:
+        return
+    changed = changed_servers(before, server_processes(machine_settings()))
+    if changed:
+        text = "the machine's own servers changed during the test session:\n  " + "\n  ".join(changed)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"FAILED: {text}", red=True, bold=True)
+        else:
+            print(f"FAILED: {text}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return machine_settings()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def services_up() -> None:
-    for name, (host, port) in {"MySQL/MariaDB": MYSQL, "Redis": REDIS, "RabbitMQ": AMQP}.items():
-        if not _answers(host, port):
+def services_up(base_settings: Settings) -> None:
+    for name, host, port in dependencies(base_settings):
+        if not answers(host, port, 1):
             pytest.exit(
                 f"{name} does not answer on {host}:{port}; start it with `make services` "
                 "(deploy/local-services.sh ensure)",
@@ -48,34 +86,10 @@ def services_up() -> None:
             )
 
 
-def _management(method: str, path: str, body: dict[str, str] | None = None) -> None:
-    req = urllib.request.Request(
-        f"{MANAGEMENT}{path}", method=method, data=json.dumps(body).encode() if body is not None else None
-    )
-    req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=10):
-        pass
-
-
-def create_vhost(name: str) -> None:
-    try:
-        _management("PUT", f"/vhosts/{name}")
-        _management("PUT", f"/permissions/{name}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-    except (urllib.error.URLError, OSError):
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-
-
-def delete_vhost(name: str) -> None:
-    try:
-        _management("DELETE", f"/vhosts/{name}")
-    except (urllib.error.URLError, OSError):
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
+@pytest.fixture(scope="session")
+def shared_rabbit(base_settings: Settings) -> RabbitAdmin:
+    """How vhosts are made on the shared RabbitMQ: its management API if it answers, else rabbitmqctl."""
+    return rabbitmq_admin(base_settings)
 
 
 @pytest.fixture
@@ -84,50 +98,29 @@ def run_id() -> str:
 
 
 @pytest.fixture
-def env(run_id: str) -> Iterator[dict[str, str]]:
+def sandbox(request: pytest.FixtureRequest, run_id: str, base_settings: Settings) -> Iterator[Sandbox]:
+    """The test's own database, vhost and Redis prefix: on the shared servers, or on the private ones the
+    test's ``private`` mark names."""
+    marker = request.node.get_closest_marker("private")
+    base, rabbit = base_settings, None
+    for name in marker.args if marker else ():
+        server = request.getfixturevalue(f"private_{name}")
+        base = server.settings(base)
+        if isinstance(server, PrivateRabbitMQ):
+            rabbit = server.ctl
+    box = Sandbox(base, run_id, rabbit or request.getfixturevalue("shared_rabbit"))
+    box.create()
+    try:
+        yield box
+    finally:
+        problems = box.remove()
+        assert not problems, f"the sandbox {run_id} could not be removed: {problems}"
+
+
+@pytest.fixture
+def env(sandbox: Sandbox) -> dict[str, str]:
     """The environment of an isolated run: own database, Redis prefix and vhost; fast, quiet defaults."""
-    create_vhost(run_id)
-    values = {
-        "MYSQL_HOST": MYSQL[0],
-        "MYSQL_PORT": str(MYSQL[1]),
-        "MYSQL_USER": "root",
-        "MYSQL_PASSWORD": "",
-        "MYSQL_DATABASE": run_id,
-        "REDIS_URL": f"redis://{REDIS[0]}:{REDIS[1]}/0",
-        "REDIS_PREFIX": f"{run_id}:",
-        "AMQP_URL": f"amqp://guest:guest@{AMQP[0]}:{AMQP[1]}/{run_id}",
-        "LOG_LEVEL": "INFO",
-        "LOG_FORMAT": "text",
-    }
-    try:
-        yield values
-    finally:
-        delete_vhost(run_id)
-        _drop_database(run_id)
-        _delete_redis_prefix(f"{run_id}:")
-
-
-def _drop_database(name: str) -> None:
-    import pymysql
-
-    conn = pymysql.connect(host=MYSQL[0], port=MYSQL[1], user="root", password="")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    finally:
-        conn.close()
-
-
-def _delete_redis_prefix(prefix: str) -> None:
-    import redis as sync_redis
-
-    client = sync_redis.Redis(host=REDIS[0], port=REDIS[1])
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    return {**sandbox.env(), "LOG_LEVEL": "INFO", "LOG_FORMAT": "text"}
 
 
 @pytest.fixture

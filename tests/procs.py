@@ -1,86 +1,18 @@
-"""Helpers for end-to-end tests: real service processes, the stand-in, and waiting on conditions."""
+"""Helpers for end-to-end tests: real service processes and the stand-in, on ``deploy.devsupport``."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
+from deploy.devsupport import ROOT, Process, free_port, wait_for
+
 ARTIFACTS = ROOT / "test-artifacts"
-T = TypeVar("T")
+Service = Process  # one service as a real process, its output in a log file
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[T]], timeout: float = 30.0, what: str = "condition", interval: float = 0.05
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        await asyncio.sleep(interval)
-
-
-class Service:
-    """One service as a real process (``python -m <module>`` or a script), its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self.log_file = self.log_path.open("wb")
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            argv, env=full_env, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        if not self.log_file.closed:
-            self.log_file.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
-
-    def close(self) -> None:
-        self.kill9()
-        self.log_file.close()
+__all__ = ["ARTIFACTS", "ROOT", "Cluster", "Service", "StandIn", "free_port", "wait_for"]
 
 
 class Cluster:
@@ -101,8 +33,7 @@ class Cluster:
             "CONSUMER_METRICS_PORT": str(free_port()),
             **overrides,
         }
-        svc = Service(f"{module}-{self.counter}", [sys.executable, "-m", module], env, self.log_dir)
-        svc.env = env  # type: ignore[attr-defined]
+        svc = Process.module(f"{module}-{self.counter}", module, env, self.log_dir)
         self.services.append(svc)
         return svc
 
@@ -115,11 +46,9 @@ class StandIn:
     """The local webhook stand-in as a process, with its control API."""
 
     def __init__(self, log_dir: Path, **env: str) -> None:
-        self.port = free_port()
+        self.service = Process.standin("standin", env, log_dir)
+        self.port = int(self.service.port or 0)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.service = Service(
-            "standin", [sys.executable, str(ROOT / "deploy" / "standin.py"), "--port", str(self.port)], env, log_dir
-        )
 
     async def start(self) -> StandIn:
         async def up() -> bool:

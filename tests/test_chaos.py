@@ -5,8 +5,9 @@ left ``queued``/``sending``, and duplicates appear only where a consumer died mi
 ``at-least-once``.
 
 Each scenario runs short (tens of messages, ``make test``) and long (hundreds or thousands, marked
-``chaos``, ``make chaos``). Scenarios 4-6 stop a shared local server (RabbitMQ, MariaDB, Redis) for a
-few seconds: they first wait until no other test run is on the machine, and always bring it back.
+``chaos``, ``make chaos``). Scenarios 4-6 that stop a server (RabbitMQ, MariaDB, Redis) for a few seconds
+run on a private throwaway server of the test session (``@pytest.mark.private``, see
+tests/private_servers.py), never on the machine's own; the session fails if one of those changed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from common.models import is_outcome_unknown, utcnow
 from common.settings import Settings
 from common.store import MessageStore
 from consumer.cachewriter import CacheWriter
+from deploy.devsupport import Sandbox
 from tests.chaos_helpers import (
     TICK,
     CuttingProxy,
@@ -57,23 +59,21 @@ from tests.chaos_helpers import (
     mysql_outage_lines,
     noting,
     other_leader,
+    outage,
     query,
     ready,
     sent_by,
-    shared_outage,
     start,
     value,
-    wait_alone,
     wait_claimed,
     wait_finished,
     wait_sent,
 )
+from tests.private_servers import PrivateServer
 from tests.procs import ROOT, Cluster, StandIn, free_port, wait_for
 
 GUARANTEES = ["at-most-once", "at-least-once"]
-OUTAGE_SECONDS = 3.0  # how long a shared server stays down
-# How long an outage scenario waits to be the only test run on the machine before skipping.
-ALONE_WAIT = float(os.environ.get("CHAOS_ALONE_WAIT_SECONDS", "120"))
+OUTAGE_SECONDS = 3.0  # how long a private server stays down
 
 
 @pytest.fixture(params=["short", pytest.param("long", marks=pytest.mark.chaos)])
@@ -273,14 +273,19 @@ async def test_03_leader_killed_the_rate_stays_one_batch_per_tick(
     assert len({name for _, _, name in ticks}) >= kills + 1, "the claims came from more than one leader"
 
 
-# --- 4-6. a shared server restarted under load ------------------------------------------------------
+# --- 4-6. a server restarted under load (a private one) --------------------------------------------
 
 
-@pytest.mark.timeout(2 * ALONE_WAIT + 300)
+@pytest.mark.timeout(300)
+@pytest.mark.private("rabbitmq")
 async def test_04_rabbitmq_restarted_under_load(
-    size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+    size: str,
+    store: MessageStore,
+    settings: Settings,
+    cluster: Cluster,
+    standin: StandIn,
+    private_rabbitmq: PrivateServer,
 ) -> None:
-    await wait_alone(ALONE_WAIT)  # before the load: the outage must come while it runs
     n, batch = pick(size, (60, 6), (400, 30))
     interval = 0.5
     await insert(store, n)
@@ -289,7 +294,7 @@ async def test_04_rabbitmq_restarted_under_load(
     consumers = [start(cluster, "consumer") for _ in range(2)]
     await wait_claimed(settings, n // 4)
     await store.set_sending(False)  # hold the rest back until the broker is down (stopping it takes a while)
-    async with shared_outage("rabbitmq", ALONE_WAIT) as rabbit:
+    async with outage(private_rabbitmq) as rabbit:
         await store.set_sending(True)
         await wait_for(lambda: log_has(producer, "not confirmed"), 20, "the producer to notice")
         waiting = await counts(settings)
@@ -314,7 +319,13 @@ async def test_04_rabbitmq_restarted_under_load(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("guarantee", GUARANTEES)
 async def test_04_consumer_connection_dropped_mid_request(
-    size: str, guarantee: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+    size: str,
+    guarantee: str,
+    store: MessageStore,
+    settings: Settings,
+    cluster: Cluster,
+    standin: StandIn,
+    sandbox: Sandbox,
 ) -> None:
     """The broker drops the consumer's connection (a network blip, a missed heartbeat) while its
     requests hang at the webhook: the consumer is alive and will record their outcomes, but RabbitMQ
@@ -330,7 +341,8 @@ async def test_04_consumer_connection_dropped_mid_request(
         assert await (await topology.open_channel(conn)).publish_ids(ids) == []
     await wait_for(lambda: keys_at_least(standin, n), 20, "every request in flight")
     vhost = settings.amqp_url.reveal().rsplit("/", 1)[1]
-    await wait_for(lambda: drop_amqp_connections(vhost), 20, "the broker to drop the consumer's connection", 0.5)
+    dropped = functools.partial(drop_amqp_connections, sandbox.rabbit, vhost)
+    await wait_for(dropped, 20, "the broker to drop the consumer's connection", 0.5)
     await wait_finished(settings, 60)
     # The first deliveries were alive all along: they finish and record their outcome too.
     await wait_for(lambda: log_has(consumer, "ack of"), 30, "the first deliveries to finish")
@@ -342,11 +354,11 @@ async def test_04_consumer_connection_dropped_mid_request(
     alive(consumer)
 
 
-@pytest.mark.timeout(2 * ALONE_WAIT + 300)
+@pytest.mark.timeout(300)
+@pytest.mark.private("mysql")
 async def test_05_mariadb_restarted_under_load(
-    size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+    size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn, private_mysql: PrivateServer
 ) -> None:
-    await wait_alone(ALONE_WAIT)  # before the load: the outage must come while it runs
     n, batch = pick(size, (100, 5), (400, 20))
     interval = 0.5
     await insert(store, n)
@@ -355,18 +367,18 @@ async def test_05_mariadb_restarted_under_load(
     consumers = [start(cluster, "consumer") for _ in range(2)]
     await wait_claimed(settings, n // 4)
     began = time.monotonic()
-    async with shared_outage("mysql", ALONE_WAIT) as mysql:
+    async with outage(private_mysql) as mysql:
         await wait_for(lambda: log_has(producer, "tick skipped: MySQL unavailable"), 20, "the producer to notice")
         await asyncio.sleep(OUTAGE_SECONDS)
         await mysql.start()
-    outage = time.monotonic() - began
+    down_for = time.monotonic() - began
     await wait_finished(settings, pick(size, 60, 150))
     acc = await assert_accounting(settings, standin)
     alive(producer, *consumers)
     assert not acc.failed, set(acc.failed.values())
     assert all(v == 1 for v in acc.arrivals.values())
     # One line per skipped tick, ticks at their normal pace (no hot loop), the rate kept.
-    assert_quiet(producer, r"tick skipped: MySQL unavailable", at_most=int(outage / interval) + 2)
+    assert_quiet(producer, r"tick skipped: MySQL unavailable", at_most=int(down_for / interval) + 2)
     assert_rate([producer], batch, interval, jitter=interval)
     bugs: list[str] = []
     for svc in consumers:
@@ -428,7 +440,8 @@ async def test_05_connection_lost_right_after_a_statement_ran(
         await proxy.close()
 
 
-@pytest.mark.timeout(2 * ALONE_WAIT + 300)
+@pytest.mark.timeout(300)
+@pytest.mark.private("redis")
 async def test_06_redis_down_sending_goes_on_and_the_cache_catches_up(
     size: str,
     store: MessageStore,
@@ -437,8 +450,8 @@ async def test_06_redis_down_sending_goes_on_and_the_cache_catches_up(
     standin: StandIn,
     redis_client: redis.Redis,
     env: dict[str, str],
+    private_redis: PrivateServer,
 ) -> None:
-    await wait_alone(ALONE_WAIT)  # before the load: the outage must come while it runs
     n, batch = pick(size, (40, 10), (400, 50))
     await insert(store, n)
     await standin.behave(delay_ms=50)
@@ -446,7 +459,7 @@ async def test_06_redis_down_sending_goes_on_and_the_cache_catches_up(
     consumer = start(cluster, "consumer")
     await wait_sent(settings, n // 4)
     await store.set_sending(False)  # hold the rest back until Redis is down
-    async with shared_outage("redis", ALONE_WAIT) as server:
+    async with outage(private_redis) as server:
         before = await ids_with_status(settings, "sent")
         await store.set_sending(True)
         # Sending goes on without Redis, and every outcome is in MySQL.

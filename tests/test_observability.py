@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from common import topology
 from common.logs import JsonFormatter, TextFormatter, secrets_of
 from common.settings import Secret, Settings
 from common.store import MessageStore
+from deploy.devsupport import amqp_credentials
 from gateway.app import create_app
 from tests.conftest import sql
 from tests.procs import Cluster, Service, StandIn, free_port, wait_for
@@ -165,10 +167,11 @@ SECRETS = {
 }
 
 
+@pytest.mark.private("mysql")  # it creates a MySQL account: on a private server, not the machine's
 async def test_every_log_line_is_json_and_no_secret_is_logged_or_answered(
     settings: Settings, store: MessageStore, cluster: Cluster, standin: StandIn, run_id: str
 ) -> None:
-    # A MySQL account with a password (the test server's root has none), dropped at the end.
+    # A MySQL account with a password (the private server's root has none), dropped at the end.
     await sql(settings, f"CREATE USER '{run_id}'@'%%' IDENTIFIED BY %s", (SECRETS["MYSQL_PASSWORD"],))
     try:
         await sql(settings, f"GRANT ALL ON `{run_id}`.* TO '{run_id}'@'%%'")
@@ -176,7 +179,7 @@ async def test_every_log_line_is_json_and_no_secret_is_logged_or_answered(
     finally:
         await sql(settings, f"DROP USER IF EXISTS '{run_id}'@'%%'")
 
-    amqp_password = "guest"  # the AMQP_URL's; the local RabbitMQ knows no other account
+    amqp_password = quote(amqp_credentials(settings)[1], safe="")  # the AMQP_URL's own
     assert f":{amqp_password}@" in settings.amqp_url.reveal()
     for svc in cluster.services:
         text = svc.log()

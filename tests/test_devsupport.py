@@ -1,0 +1,81 @@
+"""The dev-support module: the guard that fails a session which changed one of the machine's servers,
+and the sandbox that leaves nothing behind on the shared servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pymysql
+import pytest
+import redis
+
+from common.settings import Secret, Settings
+from deploy.devsupport import Sandbox, changed_servers, rabbitmq_admin, server_processes
+from tests.private_servers import PrivateServer
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root sees which process owns another user's socket")
+def test_the_session_watches_the_machines_own_servers(base_settings: Settings) -> None:
+    """The session's guard (conftest ``pytest_sessionfinish``) knows the process behind each configured
+    port: otherwise it could not notice a test that stopped one."""
+    seen = server_processes(base_settings)
+    assert [name.split()[0] for name in seen] == ["MySQL", "Redis", "RabbitMQ"]
+    missing = [name for name, proc in seen.items() if proc is None]
+    assert not missing, f"no process found behind {missing}"
+    assert server_processes(base_settings) == seen, "the same servers, read twice"
+
+
+@pytest.mark.private("redis")
+async def test_the_guard_notices_a_restarted_server(base_settings: Settings, private_redis: PrivateServer) -> None:
+    """Restarting a server (here the private Redis) is reported with its old and new pid."""
+    watched = private_redis.settings(base_settings)
+    before = server_processes(watched)
+    assert changed_servers(before, server_processes(watched)) == []
+    await private_redis.stop()
+    gone = changed_servers(before, server_processes(watched))
+    await private_redis.start()
+    back = changed_servers(before, server_processes(watched))
+    redis_key = next(k for k in before if k.startswith("Redis"))
+    assert gone == [gone[0]] and gone[0].startswith(redis_key) and "nothing listens now" in gone[0]
+    assert len(back) == 1 and back[0].startswith(redis_key) and "now pid" in back[0]
+
+
+def test_the_sandbox_creates_and_removes_only_its_own(base_settings: Settings, run_id: str) -> None:
+    """A sandbox's database, vhost and prefixed keys are gone after ``remove()``; a key beside it stays."""
+    box = Sandbox(base_settings, run_id, rabbitmq_admin(base_settings))
+    box.create()
+    assert run_id in box.rabbit.vhosts()
+    s = box.settings
+    neighbour = f"{run_id}-neighbour"
+    client = redis.Redis.from_url(s.redis_url.reveal())
+    try:
+        client.set(f"{s.redis_prefix}k", "1")
+        client.set(neighbour, "1")
+        conn = pymysql.connect(host=s.mysql_host, port=s.mysql_port, user=s.mysql_user, password=s.mysql_password)
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{run_id}`")
+        conn.close()
+        assert box.remove() == []
+        assert client.get(f"{s.redis_prefix}k") is None
+        assert client.get(neighbour) == b"1"
+        conn = pymysql.connect(host=s.mysql_host, port=s.mysql_port, user=s.mysql_user, password=s.mysql_password)
+        with conn.cursor() as cur:
+            cur.execute("SHOW DATABASES LIKE %s", (run_id,))
+            assert cur.fetchall() == ()
+        conn.close()
+    finally:
+        client.delete(neighbour)
+        client.close()
+    assert run_id not in box.rabbit.vhosts()
+
+
+def test_settings_name_the_sandbox(base_settings: Settings) -> None:
+    """Credentials and addresses come from the settings; only database, vhost and prefix are the sandbox's."""
+    base = dataclasses.replace(
+        base_settings, mysql_user="someone", mysql_password=Secret("pw"), amqp_url=Secret("amqp://u:p@h:5/")
+    )
+    env = Sandbox(base, "mst_x", rabbit=object()).env()  # type: ignore[arg-type]
+    assert env["MYSQL_USER"] == "someone" and env["MYSQL_PASSWORD"] == "pw"
+    assert env["MYSQL_DATABASE"] == "mst_x" and env["REDIS_PREFIX"] == "mst_x:"
+    assert env["AMQP_URL"] == "amqp://u:p@h:5/mst_x"
