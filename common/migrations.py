@@ -18,6 +18,9 @@ from common.errors import MigrationError
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_SECONDS = 60
+# E.164 over the whole string: the structure, and no character outside `+` and ASCII digits anywhere (which
+# also shuts out the trailing line break that `$` lets through).
+RECIPIENT_CHECK = "recipient REGEXP '^[+][0-9]{8,15}$' AND NOT recipient REGEXP '[^+0-9]'"
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (
@@ -88,6 +91,20 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " AND NOT EXISTS (SELECT 1 FROM counters WHERE name = 'sent')",
         ],
     ),
+    (
+        2,
+        "recipient CHECK over the whole string",
+        [
+            # `$` of MySQL's and MariaDB's REGEXP also matches before a final line break, so version 1 let
+            # '+905551111111\n' in. Such a row is brought back to the number before the break (the only thing
+            # the old CHECK let through), keeping its updated_at, so that the new constraint can be added.
+            "UPDATE messages SET recipient = REGEXP_SUBSTR(recipient, '^[+][0-9]{8,15}'), updated_at = updated_at"
+            " WHERE recipient REGEXP '[^+0-9]' AND recipient REGEXP '^[+][0-9]{8,15}'",
+            # One statement, the same name: re-running it after an interruption drops and adds it again.
+            "ALTER TABLE messages DROP CONSTRAINT ck_messages_recipient, ADD CONSTRAINT ck_messages_recipient"
+            f" CHECK ({RECIPIENT_CHECK})",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
@@ -107,8 +124,9 @@ async def current_version(conn: aiomysql.Connection) -> int:
         return int(version)
 
 
-async def migrate(pool: aiomysql.Pool) -> list[int]:
-    """Bring the schema to :data:`LATEST`; return the versions applied by this call (empty: nothing to do)."""
+async def migrate(pool: aiomysql.Pool, upto: int = LATEST) -> list[int]:
+    """Bring the schema to :data:`LATEST` (or to version ``upto``); return the versions applied by this call
+    (empty: nothing to do)."""
     applied: list[int] = []
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT GET_LOCK(CONCAT(DATABASE(), '.migrations'), %s)", (LOCK_TIMEOUT_SECONDS,))
@@ -126,7 +144,7 @@ async def migrate(pool: aiomysql.Pool) -> list[int]:
                     ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
                 )
             for number, name, statements in MIGRATIONS:
-                if number <= version:
+                if number <= version or number > upto:
                     continue
                 log.info("applying migration %d: %s", number, name)
                 for statement in statements:
@@ -140,5 +158,5 @@ async def migrate(pool: aiomysql.Pool) -> list[int]:
             await cur.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.migrations'))")
             await cur.fetchone()
     if applied:
-        log.info("schema migrated to version %d", LATEST)
+        log.info("schema migrated to version %d", applied[-1])
     return applied

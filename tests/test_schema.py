@@ -7,7 +7,7 @@ import pymysql
 import pytest
 
 from common.db import create_pool
-from common.migrations import LATEST, migrate
+from common.migrations import LATEST, MIGRATIONS, migrate
 from common.settings import Settings
 from tests.conftest import sql
 
@@ -24,9 +24,9 @@ async def test_concurrent_migrators_end_with_one_schema(settings: Settings) -> N
         for p in pools:
             p.close()
             await p.wait_closed()
-    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
-    rows = await sql(settings, "SELECT version FROM schema_migrations")
-    assert rows == [(LATEST,)]
+    assert sorted(len(r) for r in results) == [0, 0, 0, len(MIGRATIONS)]
+    rows = await sql(settings, "SELECT version FROM schema_migrations ORDER BY version")
+    assert rows == [(n,) for n, _, _ in MIGRATIONS] and rows[-1] == (LATEST,)
 
 
 async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, settings: Settings) -> None:
@@ -44,6 +44,14 @@ async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, set
         ("+12", "hi"),
         ("+9055511111112222", "hi"),
         ("+90555abc1111", "hi"),
+        ("+905551111111\n", "hi"),  # `$` of REGEXP matches before a final line break: the CHECK must not
+        ("+905551111111\r\n", "hi"),
+        ("\n+905551111111", "hi"),
+        ("+90555 1111111", "hi"),
+        ("+905551111111 ", "hi"),
+        ("+90555\u0661\u0661\u0661\u0661\u0661\u0661\u0661", "hi"),  # Arabic-Indic digits
+        ("+90555\uff11\uff11\uff11\uff11\uff11\uff11\uff11", "hi"),  # fullwidth digits
+        ("+9055+5111111", "hi"),
     ],
 )
 async def test_database_refuses_bad_rows(pool: aiomysql.Pool, settings: Settings, recipient: str, content: str) -> None:
@@ -55,3 +63,22 @@ async def test_database_refuses_bad_rows(pool: aiomysql.Pool, settings: Settings
 async def test_160_characters_of_any_script_fit(pool: aiomysql.Pool, settings: Settings) -> None:
     await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, %s)", ("+905551111111", "ğ😀" * 80))
     assert await sql(settings, "SELECT CHAR_LENGTH(content) FROM messages") == [(160,)]
+
+
+async def test_upgrading_mends_a_recipient_the_old_check_let_in(settings: Settings) -> None:
+    """Version 1's CHECK let a trailing line break through; version 2 strips it from such rows (keeping the rest
+    of the row as it was) so that its whole-string CHECK can be added, and refuses new ones."""
+    pool = await create_pool(settings)
+    try:
+        assert await migrate(pool, upto=1) == [1]
+        await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi'), ('+905552222222', 'ok')",
+                  ("+905551111111\n",))  # fmt: skip
+        before = await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id")
+        assert await migrate(pool) == [2]
+    finally:
+        pool.close()
+        await pool.wait_closed()
+    assert await sql(settings, "SELECT recipient FROM messages ORDER BY id") == [("+905551111111",), ("+905552222222",)]
+    assert await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id") == before
+    with pytest.raises(pymysql.err.MySQLError):
+        await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi')", ("+905551111111\n",))
