@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 
 from common.models import Delivery, Outcome, utcnow
-from common.settings import Settings
+from common.settings import Settings, mask_webhook_url
 from consumer import metrics
 from consumer.policy import is_retryable_status, next_attempt_delay, parse_retry_after
 
@@ -26,6 +26,8 @@ class Webhook:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
+        self.url = settings.webhook_url.reveal()
+        self.shown_url = mask_webhook_url(self.url)  # what an error stored in last_error may say of it
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()
@@ -44,7 +46,7 @@ class Webhook:
         retry_after: float | None = None
         try:
             async with self.session.post(
-                self.settings.webhook_url,
+                self.url,
                 data=orjson.dumps({"to": row.recipient, "content": row.content}),
                 headers={**self.headers, "Idempotency-Key": str(row.id)},
                 allow_redirects=False,
@@ -55,6 +57,7 @@ class Webhook:
                 location = resp.headers.get("Location", "")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            error = error.replace(self.url, self.shown_url)
             if isinstance(exc, asyncio.TimeoutError):
                 error = f"timeout after {self.settings.webhook_timeout_seconds:g}s"
             metrics.WEBHOOK_ANSWERS.labels("error").inc()
