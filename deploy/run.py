@@ -212,6 +212,8 @@ class Supervisor:
         s = self.s
         wildcard = s.gateway_host in ("0.0.0.0", "::", "")
         probe, shown = ("127.0.0.1", "localhost") if wildcard else (s.gateway_host, s.gateway_host)
+        if s.gateway_host == "127.0.0.1":  # the default
+            shown = "localhost"
         gateway = self.children.get("gateway")
         if gateway is None or not await wait_http(probe, s.gateway_port, "/healthz", gateway):
             return
@@ -220,11 +222,15 @@ class Supervisor:
         ui = f"http://{address(amqp, 15672)}"
         if not await http_ok(amqp, 15672, "/"):
             ui = "off (rabbitmq-plugins enable rabbitmq_management)"
+        token = "set: message data and state changes need it" if s.api_token else "not set"
+        if not s.api_token:
+            token += " (anyone who reaches the gateway may read and change everything; see README, Security)"
         hook = mask_webhook_url(s.webhook_url.reveal())  # a webhook.site URL is a capability: never shown whole
         if standin:
             hook += f" (local stand-in; what it got: http://{address(*standin)}/_control/received)"
         for line in (f"Dashboard    {base}/", f"API          {base}/messages",
                      f"Swagger      {base}/swagger/index.html", f"RabbitMQ UI  {ui}", f"webhook      {hook}",
+                     f"API token    {token}",
                      "ready: `make demo` inserts sample messages; Ctrl-C stops everything"):  # fmt: skip
             say("run", line)
 
