@@ -10,6 +10,7 @@ MySQL 8 and MariaDB 10.11.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiomysql
 
@@ -21,8 +22,29 @@ LOCK_TIMEOUT_SECONDS = 60
 # E.164 over the whole string: the structure, and no character outside `+` and ASCII digits anywhere (which
 # also shuts out the trailing line break that `$` lets through).
 RECIPIENT_CHECK = "recipient REGEXP '^[+][0-9]{8,15}$' AND NOT recipient REGEXP '[^+0-9]'"
+OLD_RECIPIENT_CHECK, NEW_RECIPIENT_CHECK = "ck_messages_recipient", "ck_messages_recipient_e164"
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+Step = str | Callable[[aiomysql.Cursor], Awaitable[None]]
+
+
+async def _check_names(cur: aiomysql.Cursor) -> set[str]:
+    """The CHECK constraints of this database (their names are unique per schema in MySQL)."""
+    await cur.execute(
+        "SELECT constraint_name FROM information_schema.check_constraints WHERE constraint_schema = DATABASE()"
+    )
+    return {str(name) for (name,) in await cur.fetchall()}
+
+
+async def _recipient_check_over_the_whole_string(cur: aiomysql.Cursor) -> None:
+    """Add the whole-string CHECK under a new name, then drop version 1's: each step only if still needed,
+    so a run interrupted between the two (each ALTER commits on its own) is finished by the next one."""
+    if NEW_RECIPIENT_CHECK not in await _check_names(cur):
+        await cur.execute(f"ALTER TABLE messages ADD CONSTRAINT {NEW_RECIPIENT_CHECK} CHECK ({RECIPIENT_CHECK})")
+    if OLD_RECIPIENT_CHECK in await _check_names(cur):
+        await cur.execute(f"ALTER TABLE messages DROP CONSTRAINT {OLD_RECIPIENT_CHECK}")
+
+
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
         "messages, attempts, dispatch state, counters",
@@ -100,9 +122,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             # the old CHECK let through), keeping its updated_at, so that the new constraint can be added.
             "UPDATE messages SET recipient = REGEXP_SUBSTR(recipient, '^[+][0-9]{8,15}'), updated_at = updated_at"
             " WHERE recipient REGEXP '[^+0-9]' AND recipient REGEXP '^[+][0-9]{8,15}'",
-            # One statement, the same name: re-running it after an interruption drops and adds it again.
-            "ALTER TABLE messages DROP CONSTRAINT ck_messages_recipient, ADD CONSTRAINT ck_messages_recipient"
-            f" CHECK ({RECIPIENT_CHECK})",
+            _recipient_check_over_the_whole_string,
         ],
     ),
 ]
@@ -148,7 +168,10 @@ async def migrate(pool: aiomysql.Pool, upto: int = LATEST) -> list[int]:
                     continue
                 log.info("applying migration %d: %s", number, name)
                 for statement in statements:
-                    await cur.execute(statement)
+                    if isinstance(statement, str):
+                        await cur.execute(statement)
+                    else:
+                        await statement(cur)
                 await cur.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, UTC_TIMESTAMP(6))",
                     (number, name),

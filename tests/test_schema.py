@@ -7,7 +7,14 @@ import pymysql
 import pytest
 
 from common.db import create_pool
-from common.migrations import LATEST, MIGRATIONS, migrate
+from common.migrations import (
+    LATEST,
+    MIGRATIONS,
+    NEW_RECIPIENT_CHECK,
+    OLD_RECIPIENT_CHECK,
+    _recipient_check_over_the_whole_string,
+    migrate,
+)
 from common.settings import Settings
 from tests.conftest import sql
 
@@ -82,3 +89,18 @@ async def test_upgrading_mends_a_recipient_the_old_check_let_in(settings: Settin
     assert await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id") == before
     with pytest.raises(pymysql.err.MySQLError):
         await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi')", ("+905551111111\n",))
+
+
+async def test_the_recipient_step_finishes_an_interrupted_run_and_is_a_no_op_after(
+    pool: aiomysql.Pool, settings: Settings
+) -> None:
+    names = "SELECT constraint_name FROM information_schema.check_constraints WHERE constraint_schema = DATABASE()"
+    assert {n for (n,) in await sql(settings, names)} >= {NEW_RECIPIENT_CHECK}
+    assert OLD_RECIPIENT_CHECK not in {n for (n,) in await sql(settings, names)}
+    # Interrupted after the first ALTER: the old CHECK is still there (as a crash would leave it).
+    await sql(settings, f"ALTER TABLE messages ADD CONSTRAINT {OLD_RECIPIENT_CHECK} CHECK (recipient LIKE '+%%')")
+    for _ in range(2):
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await _recipient_check_over_the_whole_string(cur)
+        found = {n for (n,) in await sql(settings, names)}
+        assert NEW_RECIPIENT_CHECK in found and OLD_RECIPIENT_CHECK not in found, found
