@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from common.db import ensure_database
 from common.settings import Settings
 from tests.conftest import sql
 from tests.procs import ARTIFACTS, ROOT, free_port, wait_for
@@ -100,14 +101,32 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, obj
         return response.status, await response.json(content_type=None)
 
 
+@pytest.fixture
+async def db_account(settings: Settings, run_id: str) -> AsyncIterator[dict[str, str]]:
+    """A MySQL account with a password (the test server's root has none), dropped at the end."""
+    password = "make-run-db-pw-93b1e"
+    await ensure_database(settings)  # the account may use it; make run migrates it as usual
+    await sql(settings, f"CREATE USER '{run_id}'@'%%' IDENTIFIED BY %s", (password,))
+    try:
+        await sql(settings, f"GRANT ALL ON `{run_id}`.* TO '{run_id}'@'%%'")
+        yield {"MYSQL_USER": run_id, "MYSQL_PASSWORD": password}
+    finally:
+        await sql(settings, f"DROP USER IF EXISTS '{run_id}'@'%%'")
+
+
 async def test_make_run_delivers_a_message_and_ctrl_c_stops_everything(
-    env: dict[str, str], settings: Settings, make_run: list[MakeRun], run_id: str, request: pytest.FixtureRequest
+    env: dict[str, str],
+    settings: Settings,
+    make_run: list[MakeRun],
+    run_id: str,
+    request: pytest.FixtureRequest,
+    db_account: dict[str, str],
 ) -> None:
     ports = {"GATEWAY_PORT": free_port(), "PRODUCER_METRICS_PORT": free_port(), "CONSUMER_METRICS_PORT": free_port()}
     standin = f"http://127.0.0.1:{free_port()}"
     # Every secret set, the webhook URL a capability as a webhook.site one is: none may show in the output.
     secrets = {"WEBHOOK_URL": f"{standin}/{CAPABILITY}", "API_TOKEN": "make-run-token-4c1d9e2f",
-               "WEBHOOK_AUTH_KEY": "k9"}  # fmt: skip
+               "WEBHOOK_AUTH_KEY": "k9", **db_account}  # fmt: skip
     run_env = {**env, **{k: str(v) for k, v in ports.items()}, **secrets,
                "SEND_INTERVAL_SECONDS": "1", "RETRY_BASE_SECONDS": "0.2", "SHUTDOWN_TIMEOUT_SECONDS": "5"}  # fmt: skip
     run = MakeRun(run_env, ARTIFACTS / request.node.name, run_id)
@@ -156,7 +175,9 @@ async def test_make_run_delivers_a_message_and_ctrl_c_stops_everything(
     out = run.output()
     assert "all stopped" in out and "killing" not in out, run.tail()
     assert not [ln for ln in own_lines(out) if "Traceback" in ln], run.tail()
-    for name, secret in (("WEBHOOK_URL", CAPABILITY), ("API_TOKEN", secrets["API_TOKEN"]), ("WEBHOOK_AUTH_KEY", "k9")):
+    shown = {"WEBHOOK_URL": CAPABILITY[4:], **{k: v for k, v in secrets.items() if k != "WEBHOOK_URL"}}
+    shown.pop("MYSQL_USER")
+    for name, secret in shown.items():
         assert secret not in out, f"{name} shows in the output of make run"
 
 
