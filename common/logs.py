@@ -10,44 +10,61 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import orjson
 
-from common.settings import Secret, Settings
+from common.settings import MASK, SHOWN_PATH_CHARS, Secret, Settings, mask_webhook_url
 
 # Attributes every LogRecord has; anything else passed through ``extra=`` is emitted as a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
-MASK = "***"
-MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words; such a secret is weak anyway
+BARE_CAPABILITY_MIN = 8  # a webhook path is also scrubbed without its leading "/" from this length (a uuid)
 
 
-def secrets_of(settings: Settings) -> list[str]:
-    """Every configured secret value: the ``Secret`` settings and the passwords inside the URLs."""
-    found: list[str] = []
-    for value in vars(settings).values():
+def secrets_of(settings: Settings) -> dict[str, str]:
+    """Every configured secret value, mapped to what replaces it in a log line: the ``Secret`` settings and
+    the passwords inside their URLs become ``***``; the webhook URL (a capability) and its path keep their
+    first characters (:func:`~common.settings.mask_webhook_url`)."""
+    found: dict[str, str] = {}
+    for name, value in vars(settings).items():
         if not isinstance(value, Secret) or not value:
             continue
         raw = value.reveal()
-        if "://" not in raw:
-            found.append(raw)
-        elif password := urlsplit(raw).password:
-            found += [password, unquote(password)]
+        if name == "webhook_url":
+            found.update(_webhook_secrets(raw))
+        elif "://" not in raw:
+            found[raw] = MASK
+        if "://" in raw and (password := urlsplit(raw).password):
+            found[password] = found[unquote(password)] = MASK
+    return found
+
+
+def _webhook_secrets(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    found = {url: mask_webhook_url(url)}
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    for variant in {tail, parts.path, quote(unquote(parts.path))}:
+        if len(variant) > SHOWN_PATH_CHARS:
+            found[variant] = variant[:SHOWN_PATH_CHARS] + MASK
+            bare = variant.lstrip("/")
+            if len(bare) >= BARE_CAPABILITY_MIN:
+                found[bare] = bare[: SHOWN_PATH_CHARS - 1] + MASK
     return found
 
 
 class _Redactor:
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so that a secret containing another is masked whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    def __init__(self, secrets: Iterable[str] | Mapping[str, str]) -> None:
+        pairs = secrets.items() if isinstance(secrets, Mapping) else ((s, MASK) for s in secrets)
+        # Every secret whatever its length, longest first, so that a secret containing another is masked whole.
+        self.secrets = sorted(((s, r) for s, r in pairs if s), key=lambda pair: len(pair[0]), reverse=True)
 
     def text(self, value: str) -> str:
-        for secret in self.secrets:  # a handful of substring searches: cheap next to the formatting itself
+        for secret, replacement in self.secrets:  # a handful of substring searches: cheap next to formatting
             if secret in value:
-                value = value.replace(secret, MASK)
+                value = value.replace(secret, replacement)
         return value
 
     def value(self, value: Any) -> Any:
@@ -78,7 +95,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, extra fields, exception text."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] | Mapping[str, str] = ()) -> None:
         super().__init__()
         self.redact = _Redactor(secrets)
 
@@ -105,7 +122,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``time level logger: message key=value ...`` for people."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] | Mapping[str, str] = ()) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         self.redact = _Redactor(secrets)
 
@@ -123,10 +140,10 @@ class TextFormatter(logging.Formatter):
         return self.redact.text(text)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = ()) -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text", secrets: Iterable[str] | Mapping[str, str] = ()) -> None:
     """Send every log record to stderr in the chosen format, with ``secrets`` masked; route Python
     warnings and uncaught exceptions through it too (so a JSON log stays JSON); quiet chatty libraries."""
-    secrets = list(secrets)
+    secrets = dict(secrets) if isinstance(secrets, Mapping) else list(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else TextFormatter(secrets))
     root = logging.getLogger()

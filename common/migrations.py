@@ -12,8 +12,10 @@ commits implicitly) is harmless. All SQL runs unchanged on MySQL 8 and MariaDB 1
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import re
+from collections.abc import Awaitable, Callable
 
 import aiomysql
 import pymysql
@@ -23,8 +25,33 @@ from common.errors import MigrationError
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_SECONDS = 60
+# E.164 over the whole string: the structure, and no character outside `+` and ASCII digits anywhere (which
+# also shuts out the trailing line break that `$` lets through).
+RECIPIENT_CHECK = "recipient REGEXP '^[+][0-9]{8,15}$' AND NOT recipient REGEXP '[^+0-9]'"
+OLD_RECIPIENT_CHECK, NEW_RECIPIENT_CHECK = "ck_messages_recipient", "ck_messages_recipient_e164"
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+# A step of a migration: a statement, or a coroutine for a step that must look before it acts.
+Step = str | Callable[[aiomysql.Cursor], Awaitable[None]]
+
+
+async def _check_names(cur: aiomysql.Cursor) -> set[str]:
+    """The CHECK constraints of this database (their names are unique per schema in MySQL)."""
+    await cur.execute(
+        "SELECT constraint_name FROM information_schema.check_constraints WHERE constraint_schema = DATABASE()"
+    )
+    return {str(name) for (name,) in await cur.fetchall()}
+
+
+async def _recipient_check_over_the_whole_string(cur: aiomysql.Cursor) -> None:
+    """Add the whole-string CHECK under a new name, then drop version 1's: each step only if still needed,
+    so a run interrupted between the two (each ALTER commits on its own) is finished by the next one."""
+    if NEW_RECIPIENT_CHECK not in await _check_names(cur):
+        await cur.execute(f"ALTER TABLE messages ADD CONSTRAINT {NEW_RECIPIENT_CHECK} CHECK ({RECIPIENT_CHECK})")
+    if OLD_RECIPIENT_CHECK in await _check_names(cur):
+        await cur.execute(f"ALTER TABLE messages DROP CONSTRAINT {OLD_RECIPIENT_CHECK}")
+
+
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
         "messages, attempts, dispatch state, counters",
@@ -91,6 +118,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             """,
             "INSERT INTO counters (name, value) SELECT 'sent', COUNT(*) FROM messages WHERE status = 'sent'"
             " AND NOT EXISTS (SELECT 1 FROM counters WHERE name = 'sent')",
+        ],
+    ),
+    (
+        2,
+        "recipient CHECK over the whole string",
+        [
+            # `$` of MySQL's and MariaDB's REGEXP also matches before a final line break, so version 1 let
+            # '+905551111111\n' in. Such a row is brought back to the number before the break (the only thing
+            # the old CHECK let through), keeping its updated_at, so that the new constraint can be added.
+            "UPDATE messages SET recipient = REGEXP_SUBSTR(recipient, '^[+][0-9]{8,15}'), updated_at = updated_at"
+            " WHERE recipient REGEXP '[^+0-9]' AND recipient REGEXP '^[+][0-9]{8,15}'",
+            _recipient_check_over_the_whole_string,
         ],
     ),
     (
@@ -169,9 +208,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 LATEST = MIGRATIONS[-1][0]
 
 
-def checksum(statements: list[str]) -> str:
-    """The SHA-256 of a migration's statements, whitespace-normalised (re-indenting is not a change)."""
-    text = "\n".join(re.sub(r"\s+", " ", statement).strip() for statement in statements)
+def checksum(statements: list[Step]) -> str:
+    """The SHA-256 of a migration's statements (a coroutine step by its source), whitespace-normalised
+    (re-indenting is not a change)."""
+    texts = [s if isinstance(s, str) else inspect.getsource(s) for s in statements]
+    text = "\n".join(re.sub(r"\s+", " ", t).strip() for t in texts)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -211,8 +252,9 @@ async def _bookkeeping(cur: aiomysql.Cursor) -> None:
         await _run(cur, "ALTER TABLE schema_migrations ADD COLUMN checksum CHAR(64) NULL")
 
 
-async def migrate(pool: aiomysql.Pool) -> list[int]:
-    """Bring the schema to :data:`LATEST`; return the versions applied by this call (empty: nothing to do).
+async def migrate(pool: aiomysql.Pool, upto: int = LATEST) -> list[int]:
+    """Bring the schema to :data:`LATEST` (or to version ``upto``); return the versions applied by this call
+    (empty: nothing to do).
 
     Raises :class:`MigrationError` when an applied migration was changed since (its checksum differs) or the
     database is at a version this code does not know (a newer release ran against it)."""
@@ -246,11 +288,14 @@ async def migrate(pool: aiomysql.Pool) -> list[int]:
                         " applied migrations are never edited; add a new numbered migration instead"
                     )
             for number, name, statements in MIGRATIONS:
-                if number in done:
+                if number in done or number > upto:
                     continue
                 log.info("applying migration %d: %s", number, name)
                 for statement in statements:
-                    await _run(cur, statement)
+                    if isinstance(statement, str):
+                        await _run(cur, statement)
+                    else:
+                        await statement(cur)
                 await cur.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at, checksum)"
                     " VALUES (%s, %s, UTC_TIMESTAMP(6), %s)",

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 from common.errors import ValidationError
 
-RECIPIENT_RE = re.compile(r"^\+[0-9]{8,15}$")
+# The whole string, matched with ``fullmatch``: ``$`` would also accept a trailing newline. The documented
+# (JSON Schema / ECMA 262) form of the same rule is RECIPIENT_PATTERN, where ``$`` means the very end.
+RECIPIENT_RE = re.compile(r"\+[0-9]{8,15}")
+RECIPIENT_PATTERN = r"^\+[0-9]{8,15}$"
 CONTENT_MAX = 160
 
 
@@ -39,9 +42,23 @@ def is_outcome_unknown(last_error: str | None) -> bool:
 def validate_recipient(value: object) -> str:
     if not isinstance(value, str):
         raise ValidationError("recipient", "must be a string")
-    if not RECIPIENT_RE.match(value):
+    if not RECIPIENT_RE.fullmatch(value):
         raise ValidationError("recipient", "must be an E.164 phone number: '+' followed by 8 to 15 digits")
     return value
+
+
+def mask_recipient(value: str) -> str:
+    """A recipient as a page without the token shows it: every digit but the last four hidden,
+    ``+905551234567`` -> ``+••••••••4567`` (done on the server: the full number never reaches the page)."""
+    digits = sum(c.isdigit() for c in value)
+    out, seen = [], 0
+    for c in value:
+        if c.isdigit():
+            seen += 1
+            out.append(c if seen > digits - 4 else "•")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def validate_content(value: object) -> str:

@@ -6,6 +6,8 @@ raises :class:`~common.errors.SettingsError` whose message is one line naming th
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -17,19 +19,51 @@ from common.errors import SettingsError
 
 T = TypeVar("T")
 
+MASK = "***"
+SHOWN_PATH_CHARS = 5  # of a webhook URL's path in logs: "/0b7e***", "/webh***"
+MIN_API_TOKEN_LENGTH = 16
+LOOPBACK_NAMES = ("localhost",)
+
 DELIVERY_GUARANTEES = ("at-most-once", "at-least-once")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class Secret(str):
-    """A string that never shows its value in a repr, a log line or an f-string of the settings."""
+class Secret:
+    """A secret setting. Not a ``str``: ``str()``, ``repr()``, f-strings and ``%`` formatting all give ``***``,
+    so no log line, error or banner can show it by accident; :meth:`reveal` is the one way to the value."""
 
-    def __repr__(self) -> str:
-        return "Secret('***')" if self else "Secret('')"
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = "") -> None:
+        self._value = value
 
     def reveal(self) -> str:
-        return str.__str__(self)
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __str__(self) -> str:
+        return MASK if self._value else ""
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK!r})" if self._value else "Secret('')"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __reduce__(self) -> Any:  # pickling would be one more way out
+        raise TypeError("a Secret cannot be pickled")
 
 
 def mask_url(url: str) -> str:
@@ -37,8 +71,25 @@ def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def mask_webhook_url(url: str) -> str:
+    """A webhook URL as logs and banners show it: scheme, host and port, and the first
+    :data:`SHOWN_PATH_CHARS` characters of the path; the rest (a webhook.site URL's path is a capability:
+    whoever has it reads every message), the query, the fragment and any user or password become ``***``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    if parts.username is not None or parts.password is not None:
+        host = f"{MASK}@{host}"
+    path = parts.path or "/"
+    hidden = len(path) > SHOWN_PATH_CHARS or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}{path[:SHOWN_PATH_CHARS]}{MASK if hidden else ''}"
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -112,7 +163,7 @@ class Settings:
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     redis_prefix: str = ""
     amqp_url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
-    webhook_url: str = "http://127.0.0.1:8081/webhook"
+    webhook_url: Secret = Secret("http://127.0.0.1:8081/webhook")  # a capability: see mask_webhook_url
     webhook_auth_key: Secret = Secret("")
     webhook_timeout_seconds: float = 10.0
     send_interval_seconds: float = 120.0
@@ -126,7 +177,7 @@ class Settings:
     consumer_prefetch: int = 8
     consumer_concurrency: int = 64
     shutdown_timeout_seconds: float = 30.0
-    gateway_host: str = "0.0.0.0"
+    gateway_host: str = "127.0.0.1"  # this machine only; containers set 0.0.0.0 (see is_loopback)
     gateway_port: int = 8080
     api_token: Secret = Secret("")
     producer_metrics_port: int = 9101
@@ -159,6 +210,34 @@ class Settings:
     def is_at_least_once(self) -> bool:
         return self.delivery_guarantee == "at-least-once"
 
+    @property
+    def gateway_is_local(self) -> bool:
+        """Whether the gateway listens on loopback only (no other machine can reach it)."""
+        return is_loopback(self.gateway_host)
+
+
+def is_loopback(host: str) -> bool:
+    """``127.0.0.1``, ``::1``, ``localhost``...; a wildcard (``0.0.0.0``, ``::``, empty) or any other name or
+    address is reachable from elsewhere."""
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_token(raw: str) -> str:
+    if raw and len(raw) < MIN_API_TOKEN_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_API_TOKEN_LENGTH} characters (got {len(raw)}); "
+            "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if any(c.isspace() or not c.isprintable() for c in raw) or not raw.isascii():
+        raise ValueError("must be printable ASCII without spaces (it is sent as 'Authorization: Bearer <token>')")
+    return raw
+
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "mysql_port": _int(1, 65535),
@@ -168,6 +247,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _url(("redis", "rediss", "unix")),
     "amqp_url": _url(("amqp", "amqps")),
     "webhook_url": _url(("http", "https")),
+    "api_token": _api_token,
     "webhook_timeout_seconds": _float(0, strict=True),
     "send_interval_seconds": _float(0, strict=True),
     "send_batch_size": _int(1, 100_000),

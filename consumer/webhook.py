@@ -122,7 +122,7 @@ class Webhook:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
-        self.url = settings.webhook_url
+        self.url = settings.webhook_url.reveal()
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()

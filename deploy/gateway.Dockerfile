@@ -20,7 +20,7 @@ FROM python:3.11.10-slim-bookworm
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LOG_FORMAT=json GATEWAY_PORT=8080
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 LOG_FORMAT=json GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080

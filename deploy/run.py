@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.errors import SettingsError
-from common.settings import Settings
+from common.settings import Settings, mask_webhook_url
 from deploy.devsupport import STANDIN, address, answers, dependencies, http_ok, wait_http
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -165,6 +165,8 @@ class Supervisor:
         s = self.s
         wildcard = s.gateway_host in ("0.0.0.0", "::", "")
         probe, shown = ("127.0.0.1", "localhost") if wildcard else (s.gateway_host, s.gateway_host)
+        if s.gateway_host == "127.0.0.1":  # the default
+            shown = "localhost"
         gateway = self.children.get("gateway")
 
         def alive() -> bool:
@@ -177,11 +179,15 @@ class Supervisor:
         ui = f"http://{address(amqp, 15672)}"
         if not await http_ok(amqp, 15672, "/"):
             ui = "off (rabbitmq-plugins enable rabbitmq_management)"
-        hook = s.webhook_url
+        token = "set: message data and state changes need it" if s.api_token else "not set"
+        if not s.api_token:
+            token += " (anyone who reaches the gateway may read and change everything; see README, Security)"
+        hook = mask_webhook_url(s.webhook_url.reveal())  # a webhook.site URL is a capability: never shown whole
         if standin:
             hook += f" (local stand-in; what it got: http://{address(*standin)}/_control/received)"
         for line in (f"Dashboard    {base}/", f"API          {base}/messages",
                      f"Swagger      {base}/swagger/index.html", f"RabbitMQ UI  {ui}", f"webhook      {hook}",
+                     f"API token    {token}",
                      "ready: `make demo` inserts sample messages; Ctrl-C stops everything"):  # fmt: skip
             say("run", line)
 
@@ -200,11 +206,12 @@ def main() -> int:
         fail(f"{name} does not answer at {address(host, port)} — {HINTS[name]} or use docker compose up")
     if down:
         return 1
-    hook = urlsplit(settings.webhook_url)
+    hook = urlsplit(settings.webhook_url.reveal())
     standin = None
     if hook.scheme == "http" and hook.hostname in LOCAL_HOSTS and hook.port:
         if answers(hook.hostname, hook.port, 1):
-            say("run", f"something already answers at {settings.webhook_url}: using it, not starting the stand-in")
+            shown = mask_webhook_url(settings.webhook_url.reveal())
+            say("run", f"something already answers at {shown}: using it, not starting the stand-in")
         else:
             standin = ("::1" if hook.hostname == "::1" else "127.0.0.1", hook.port)
     ports = {"GATEWAY_PORT": settings.gateway_port, "PRODUCER_METRICS_PORT": settings.producer_metrics_port,

@@ -12,10 +12,24 @@ from aiohttp import web
 
 from common.logs import secrets_of, setup_logging
 from common.service import load_settings, new_event_loop
+from common.settings import Settings
 from gateway.app import create_app
 from gateway.spec import SWAGGER_UI
 
 log = logging.getLogger("gateway")
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What the gateway says at every start when other machines can reach it and no token protects it."""
+    if settings.api_token or settings.gateway_is_local:
+        return None
+    return (
+        f"the gateway listens on {settings.gateway_host or 'every interface'}, reachable from other machines, "
+        "and API_TOKEN is not set: anyone who can reach it reads every recipient and message and can start, "
+        "stop and send. Set API_TOKEN (16+ characters, e.g. `python3 -c 'import secrets; "
+        "print(secrets.token_urlsafe(32))'`), or listen on this machine only with GATEWAY_HOST=127.0.0.1 "
+        "(with docker compose: publish it on 127.0.0.1, the default of GATEWAY_BIND)"
+    )
 
 
 def main() -> None:
@@ -29,8 +43,10 @@ def main() -> None:
         shown,
         settings.gateway_port,
         SWAGGER_UI,
-        "required for state changes" if settings.api_token else "not set (state changes are open)",
+        "required for message data and state changes" if settings.api_token else "not set",
     )
+    if warning := exposure_warning(settings):
+        log.warning("%s", warning)
     web.run_app(
         create_app(settings),
         host=settings.gateway_host,

@@ -18,7 +18,9 @@ from common.migrations import migrate
 from common.settings import Settings, mask_url
 from common.store import MessageStore
 from gateway import dashboard, dispatch, health, messages
+from gateway.auth import auth_middleware, digest
 from gateway.errors import MAX_BODY_BYTES, error_middleware
+from gateway.httputil import add_security_headers
 from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, PAGES, REDIS, SETTINGS, STORE, AmqpLink
 from gateway.metrics import HttpMetrics, metrics_middleware
 from gateway.paging import PageCache
@@ -75,13 +77,16 @@ async def amqp_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """The gateway, ready to run; nothing is connected until the app starts."""
     metrics = HttpMetrics()
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware(metrics), error_middleware])
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[metrics_middleware(metrics), error_middleware, auth_middleware]
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[AMQP] = AmqpLink()
     app[PAGES] = PageCache()
-    app[API_TOKEN] = settings.api_token.reveal().encode()
+    app[API_TOKEN] = digest(settings.api_token.reveal())
     app.cleanup_ctx.extend([mysql_ctx, redis_ctx, amqp_ctx])
+    app.on_response_prepare.append(add_security_headers)
 
     messages.add_routes(app)
     dispatch.add_routes(app)

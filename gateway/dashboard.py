@@ -3,8 +3,10 @@ script refreshes from documented JSON endpoints, and the two endpoints it added 
 ``GET /stats/timeline`` (sent and failed per minute) and ``GET /stats/failed`` (failed messages).
 
 Everything the page loads comes from the gateway (its Content-Security-Policy allows nothing else), so it
-works offline. It reads ``/stats``, ``/stats/timeline``, ``/stats/failed`` and ``/messages``, and changes
-state only through ``POST /process_message`` and ``POST /messages/{id}/retry`` with the token the user gave.
+works offline. It reads ``/stats``, ``/stats/timeline``, ``/stats/failed`` and ``/messages`` (the last two
+with ``mask=true``: the server hides the recipients' digits, the full numbers never reach the page), and
+changes state only through ``POST /process_message`` and ``POST /messages/{id}/retry``. When the gateway
+has an ``API_TOKEN``, the page asks for it once (at the first 401) and sends it with every request.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any
 from aiohttp import web
 from marshmallow import Schema, fields, validate
 
-from common.models import utcnow
+from common.models import mask_recipient, utcnow
 from gateway import health
+from gateway.auth import SECURITY, public
 from gateway.errors import error_responses
-from gateway.httputil import json_response, query_int
+from gateway.httputil import json_response, query_bool, query_int
 from gateway.keys import STORE
-from gateway.paging import MAX_OFFSET
+from gateway.paging import MASK_DESCRIPTION, MAX_OFFSET
 from gateway.spec import docs, querystring_schema
 
 log = logging.getLogger(__name__)
@@ -188,6 +191,7 @@ class FailedQuerySchema(Schema):
         validate=validate.Range(0, MAX_OFFSET),
         metadata={"description": "Rows to skip.", "format": "int64"},
     )
+    mask = fields.Boolean(load_default=False, metadata={"description": MASK_DESCRIPTION})
 
 
 class FailedSchema(Schema):
@@ -219,20 +223,25 @@ FAILED_EXAMPLE = {
             "description": "A page of failed messages.",
             "examples": {"application/json": [FAILED_EXAMPLE]},
         },
-        **error_responses(422),
+        **error_responses(401, 403, 422),
     },
+    security=SECURITY,
 )
 @querystring_schema(FailedQuerySchema)
 async def failed(request: web.Request) -> web.Response:
     limit = query_int(request.query, "limit", 20, 1, MAX_FAILED_PAGE)
     offset = query_int(request.query, "offset", 0, 0, MAX_OFFSET)
-    return json_response(await request.app[STORE].list_failed(limit, offset))
+    masked = query_bool(request.query, "mask")
+    rows = await request.app[STORE].list_failed(limit, offset)
+    if masked:
+        rows = [{**row, "recipient": mask_recipient(row["recipient"])} for row in rows]
+    return json_response(rows)
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", page, allow_head=False)
-    app.router.add_get("/dashboard", page, allow_head=False)
+    app.router.add_get("/", public(page), allow_head=False)
+    app.router.add_get("/dashboard", public(page), allow_head=False)
     for name in ASSETS:
-        app.router.add_get(f"/dashboard/{name}", _asset(name), allow_head=False)
-    app.router.add_get("/stats/timeline", timeline, allow_head=False)
+        app.router.add_get(f"/dashboard/{name}", public(_asset(name)), allow_head=False)
+    app.router.add_get("/stats/timeline", public(timeline), allow_head=False)
     app.router.add_get("/stats/failed", failed, allow_head=False)

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from marshmallow import Schema, fields, validate
 
-from gateway.auth import OPTIONAL_SECURITY, SECURITY, require_token
+from gateway.auth import OPTIONAL_SECURITY, SECURITY, public, require_state_change
 from gateway.errors import error_responses
 from gateway.httputil import invalid, json_response, read_json
 from gateway.keys import STORE
@@ -50,7 +50,7 @@ def _responses(with_body: bool) -> dict[str, Any]:
             "description": "The state of automatic sending after the command (or now, without one).",
             "examples": {"application/json": {"sending": "stopped"}},
         },
-        **error_responses(*((400, 401, 403, 413, 422) if with_body else (401, 403, 422))),
+        **error_responses(*((400, 401, 403, 413, 415, 422) if with_body else (401, 403, 422))),
     }
 
 
@@ -74,7 +74,7 @@ async def process_message_get(request: web.Request) -> web.Response:
     command = request.query.get("command")
     if command is None:
         return await _answer(request, None)
-    require_token(request)
+    require_state_change(request)  # the route is public for reading the state only
     return await _answer(request, _command(command))
 
 
@@ -89,7 +89,6 @@ async def process_message_get(request: web.Request) -> web.Response:
 )
 @json_schema(CommandSchema)
 async def process_message_post(request: web.Request) -> web.Response:
-    require_token(request)
     body = await read_json(request, optional=True) or {}
     query = request.query.get("command")
     if "command" in body:
@@ -100,5 +99,5 @@ async def process_message_post(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/process_message", process_message_get, allow_head=False)
+    app.router.add_get("/process_message", public(process_message_get), allow_head=False)
     app.router.add_post("/process_message", process_message_post)

@@ -109,10 +109,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 _DESCRIPTIONS = {
     400: "The request body is not valid JSON (or is empty where a body is required).",
     401: "API_TOKEN is set and the request has no `Authorization: Bearer` token.",
-    403: "API_TOKEN is set and the bearer token is wrong.",
+    403: "API_TOKEN is set and the bearer token is wrong, or a browser sent a state change from another site.",
     404: "No such message.",
     409: "The message is not in a status that allows the operation.",
     413: f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+    415: "The request body is not declared `application/json`.",
     422: "A parameter or body field is invalid; `details.field` names it.",
     503: "A dependency is unreachable.",
 }
@@ -126,6 +127,11 @@ _EXAMPLES = {
         "payload_too_large",
         f"the request body is larger than {MAX_BODY_BYTES} bytes",
         {"max_bytes": MAX_BODY_BYTES},
+    ),
+    415: (
+        "unsupported_media_type",
+        "the request body must be application/json (optionally with charset=utf-8); Content-Type was 'text/plain'",
+        {"accepted": ["application/json", "application/json; charset=utf-8"], "content_type": "text/plain"},
     ),
     422: ("validation_error", "limit: must be an integer between 1 and 1000", {"field": "limit", "value": "0"}),
     503: (

@@ -12,6 +12,7 @@ from aiohttp import web
 from marshmallow import Schema, fields
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.auth import public
 from gateway.errors import error_response, error_responses
 from gateway.httputil import json_response
 from gateway.keys import AMQP, DB_POOL, METRICS, REDIS
@@ -129,7 +130,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
-    app.router.add_get("/stats", stats, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
+    app.router.add_get("/healthz", public(healthz), allow_head=False)
+    app.router.add_get("/readyz", public(readyz), allow_head=False)
+    app.router.add_get("/stats", public(stats), allow_head=False)
+    app.router.add_get("/metrics", public(metrics), allow_head=False)

@@ -10,7 +10,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
 from common.errors import ValidationError as RuleError
-from common.models import CONTENT_MAX, RECIPIENT_RE, Status, validate_content, validate_recipient
+from common.models import CONTENT_MAX, RECIPIENT_PATTERN, Status, validate_content, validate_recipient
 
 STATUSES = [s.value for s in Status]
 EXAMPLE = {
@@ -84,7 +84,7 @@ class MessageCreateSchema(Schema):
         required=True,
         metadata={
             "example": "+905551111111",
-            "pattern": RECIPIENT_RE.pattern,
+            "pattern": RECIPIENT_PATTERN,
             "description": "E.164: + and 8-15 digits.",
         },
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 from marshmallow import ValidationError
 
-from gateway.auth import SECURITY, protected
+from common.models import mask_recipient
+from gateway.auth import SECURITY
 from gateway.errors import error_responses
-from gateway.httputil import ApiError, invalid, json_response, query_int, read_json
+from gateway.httputil import ApiError, invalid, json_response, query_bool, query_int, read_json
 from gateway.keys import PAGES, STORE
 from gateway.message_schemas import (
     DETAIL_EXAMPLE,
@@ -67,7 +69,8 @@ def _message_id(request: web.Request) -> int:
     summary="List sent messages, newest first",
     description="Sent messages ordered by `sent_at` (then id) descending. Page with `limit`/`offset`, or for "
     "deep pages follow the cursor of the `Link: rel=next` header (`after`), which stays stable while new "
-    "messages are sent. `X-Total-Count` is the number of sent messages.",
+    "messages are sent. `X-Total-Count` is the number of sent messages. With `mask=true` recipients come "
+    "with every digit but the last four hidden (what the dashboard shows).",
     responses={
         "200": {
             "schema": MessageSchema(many=True),
@@ -78,8 +81,9 @@ def _message_id(request: web.Request) -> int:
             },
             "examples": {"application/json": [EXAMPLE]},
         },
-        **error_responses(422),
+        **error_responses(401, 403, 422),
     },
+    security=SECURITY,
 )
 @querystring_schema(ListQuerySchema)
 async def list_messages(request: web.Request) -> web.Response:
@@ -91,6 +95,7 @@ async def list_messages(request: web.Request) -> web.Response:
         raise invalid("offset", "cannot be combined with after")
     offset = query_int(query, "offset", 0, 0, MAX_OFFSET) if after is None else 0
     cursor = decode_cursor(after) if after is not None else None
+    masked = query_bool(query, "mask")
     key = (limit, offset, after)
     pages = request.app[PAGES]
     page = pages.get(key, await store.sent_version())
@@ -100,6 +105,9 @@ async def list_messages(request: web.Request) -> web.Response:
     headers = {"X-Total-Count": str(page.total)}
     if page.count == limit and page.last_key:
         headers["Link"] = next_link(limit, page.last_key)
+    if masked:
+        rows = [{**row, "recipient": mask_recipient(row["recipient"])} for row in orjson.loads(page.json)]
+        return json_response(rows, headers=headers)
     return web.Response(text=page.json, headers=headers, content_type="application/json")
 
 
@@ -125,11 +133,10 @@ async def list_messages(request: web.Request) -> web.Response:
                 }
             },
         },
-        **error_responses(400, 401, 403, 413, 422),
+        **error_responses(400, 401, 403, 413, 415, 422),
     },
 )
 @json_schema(MessageCreateSchema, required=True)
-@protected
 async def create_message(request: web.Request) -> web.Response:
     data = await read_json(request)
     try:
@@ -155,8 +162,9 @@ async def create_message(request: web.Request) -> web.Response:
             "description": "The message.",
             "examples": {"application/json": DETAIL_EXAMPLE},
         },
-        **error_responses(404, 422),
+        **error_responses(401, 403, 404, 422),
     },
+    security=SECURITY,
     parameters=[ID_PARAMETER],
 )
 async def get_message(request: web.Request) -> web.Response:
@@ -184,7 +192,6 @@ async def get_message(request: web.Request) -> web.Response:
     },
     parameters=[ID_PARAMETER, FORCE_PARAMETER],
 )
-@protected
 async def retry_message(request: web.Request) -> web.Response:
     message_id = _message_id(request)
     raw = request.query.get("force", "false")

@@ -22,6 +22,7 @@ MAX_CURSOR_ID = 2**63 - 1
 # DATETIME's largest value, 9999-12-31 23:59:59.999999, in microseconds since the epoch.
 MAX_MICROS = 253402300799999999
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
+MASK_DESCRIPTION = "Hide every digit of the recipients but the last four (`+••••••••4567`), on the server."
 NEXT_EXAMPLE = '</messages?limit=20&after=MTcxNDU2NDkyMDI1MDAwMDo0Mg>; rel="next"'
 
 
@@ -40,6 +41,7 @@ class ListQuerySchema(Schema):
             "pattern": _CURSOR.pattern,
         }
     )
+    mask = fields.Boolean(load_default=False, metadata={"description": MASK_DESCRIPTION})
 
 
 def encode_cursor(key: str) -> str:

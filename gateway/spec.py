@@ -7,6 +7,7 @@ warnings are silenced here, around these calls only; the rest of the gateway run
 
 from __future__ import annotations
 
+import importlib.resources
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import aiohttp_apispec
 
-from gateway.auth import SECURITY_DEFINITIONS
+from gateway.auth import SECURITY_DEFINITIONS, public
 
 __all__ = ["SPEC_URL", "SWAGGER_UI", "docs", "json_schema", "querystring_schema", "setup_swagger"]
 
 SPEC_URL = "/swagger/swagger.json"
 SWAGGER_UI = "/swagger/index.html"
-STATIC = "/swagger/static"  # the UI's assets, served from the aiohttp-apispec package: no internet needed
+STATIC = "/swagger/static"  # the UI's assets, served from the swagger-ui-py package: no internet needed
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -50,11 +51,41 @@ Start and stop automatic sending, list what was sent, queue and inspect messages
 
 Every error is JSON: `{"error": {"code": "...", "message": "...", "details": {...}}}`; a bad parameter or
 field is a 422 whose `details.field` names it. Parameters and body fields the API does not know are ignored.
-Times are ISO 8601 in UTC with a trailing `Z`. When the gateway runs with `API_TOKEN` set, state-changing
-endpoints need `Authorization: Bearer <API_TOKEN>`; reads stay open."""
+Times are ISO 8601 in UTC with a trailing `Z`. Request bodies must be `application/json` (415 otherwise).
+When the gateway runs with `API_TOKEN` set, every endpoint that returns message data (recipients, contents)
+or changes state needs `Authorization: Bearer <API_TOKEN>` (use **Authorize** with `Bearer <token>`);
+health, readiness, metrics, statistics and these docs stay open. A browser may not change state from
+another site (403 `cross_origin`)."""
 
 
-ASSETS = Path(aiohttp_apispec.__file__).parent / "static"
+# The UI's assets come from swagger-ui-py, which ships a current Swagger UI (5.x; the one inside
+# aiohttp-apispec 2.2.3 is 4.1.0, open to CVE-2018-25031). Only the files the page uses are served.
+ASSETS = Path(str(importlib.resources.files("swagger_ui"))) / "static"
+ASSET_TYPES = {
+    "swagger-ui.css": "text/css",
+    "swagger-ui-bundle.js": "text/javascript",
+    "favicon-32x32.png": "image/png",
+    "favicon-16x16.png": "image/png",
+}
+INIT = "/swagger/init.js"
+# The spec URL and every option are fixed here: Swagger UI 5 ignores ?url= and ?configUrl= unless
+# queryConfigEnabled is true, and it is spelled out false. BaseLayout has no top bar, so the page offers
+# no box to load another spec either; connect-src 'self' would refuse one anyway.
+INIT_JS = f"""// message-sender: start Swagger UI on the gateway's own spec, and nothing else.
+"use strict";
+window.addEventListener("DOMContentLoaded", function () {{
+  window.ui = SwaggerUIBundle({{
+    url: {SPEC_URL!r},
+    dom_id: "#swagger-ui",
+    queryConfigEnabled: false,
+    deepLinking: true,
+    validatorUrl: null,
+    displayRequestDuration: true,
+    presets: [SwaggerUIBundle.presets.apis],
+    layout: "BaseLayout"
+  }});
+}});
+""".replace("'", '"')
 INDEX = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -62,31 +93,38 @@ INDEX = f"""<!DOCTYPE html>
   <title>message-sender gateway: Swagger UI</title>
   <link rel="stylesheet" type="text/css" href="{STATIC}/swagger-ui.css">
   <link rel="icon" type="image/png" href="{STATIC}/favicon-32x32.png" sizes="32x32">
+  <link rel="icon" type="image/png" href="{STATIC}/favicon-16x16.png" sizes="16x16">
 </head>
 <body>
   <div id="swagger-ui"></div>
   <script src="{STATIC}/swagger-ui-bundle.js" charset="UTF-8"></script>
-  <script src="{STATIC}/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
-  <script>
-    window.onload = function () {{
-      window.ui = SwaggerUIBundle({{
-        url: "{SPEC_URL}",
-        dom_id: "#swagger-ui",
-        deepLinking: true,
-        validatorUrl: null,
-        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
-        plugins: [SwaggerUIBundle.plugins.DownloadUrl],
-        layout: "StandaloneLayout"
-      }});
-    }};
-  </script>
+  <script src="{INIT}" charset="UTF-8"></script>
 </body>
 </html>
 """
+# Scripts and everything fetched from the gateway only; Swagger UI sets inline styles (style-src
+# 'unsafe-inline') and shows its icons as data: images.
+DOCS_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Cache-Control": "no-cache",
+}
 
 
 async def swagger_ui(_: web.Request) -> web.Response:
-    return web.Response(text=INDEX, content_type="text/html")
+    return web.Response(text=INDEX, content_type="text/html", headers=DOCS_HEADERS)
+
+
+async def swagger_init(_: web.Request) -> web.Response:
+    return web.Response(text=INIT_JS, content_type="text/javascript", headers=DOCS_HEADERS)
+
+
+async def swagger_asset(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in ASSET_TYPES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(ASSETS / name, headers={**DOCS_HEADERS, "Content-Type": ASSET_TYPES[name]})
 
 
 async def _to_ui(_: web.Request) -> web.Response:
@@ -95,10 +133,11 @@ async def _to_ui(_: web.Request) -> web.Response:
 
 def setup_swagger(app: web.Application) -> None:
     """Build the spec from the routes already added (call it last), serve it and the UI beside it."""
-    app.router.add_get(SWAGGER_UI, swagger_ui, allow_head=False)
-    app.router.add_get("/swagger", _to_ui, allow_head=False)
-    app.router.add_get("/swagger/", _to_ui, allow_head=False)
-    app.router.add_static(STATIC, ASSETS)
+    app.router.add_get(SWAGGER_UI, public(swagger_ui), allow_head=False)
+    app.router.add_get("/swagger", public(_to_ui), allow_head=False)
+    app.router.add_get("/swagger/", public(_to_ui), allow_head=False)
+    app.router.add_get(INIT, public(swagger_init), allow_head=False)
+    app.router.add_get(STATIC + "/{name}", public(swagger_asset), allow_head=False)
     # aiohttp-apispec consumes the docs it reads from each handler (it pops their schemas and extends
     # their parameters in place), so a second app in the same process would get dangling references:
     # give it copies and put the originals back.
@@ -112,6 +151,9 @@ def setup_swagger(app: web.Application) -> None:
     finally:
         for handler, data in originals.items():
             setattr(handler, "__apispec__", data)  # noqa: B010
+    for route in app.router.routes():  # the spec document aiohttp-apispec serves is open to all
+        if route.resource is not None and route.resource.canonical == SPEC_URL:
+            public(route.handler)
 
 
 def _build(app: web.Application) -> None:

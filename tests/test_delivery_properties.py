@@ -22,7 +22,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from common import topology
-from common.settings import Settings
+from common.settings import Secret, Settings
 from common.store import MessageStore
 from consumer.service import Consumer
 from tests.conftest import sql
@@ -70,7 +70,7 @@ async def rig(settings: Settings, store: MessageStore, standin: StandIn, request
     guarantee = request.param
     s = dataclasses.replace(
         settings,
-        webhook_url=f"{standin.url}/webhook",
+        webhook_url=Secret(f"{standin.url}/webhook"),
         webhook_timeout_seconds=TIMEOUT,
         max_attempts=3,
         retry_base_seconds=3600,  # a retried row rests as pending: the property covers one delivery at a time

@@ -233,3 +233,26 @@ def test_services_get_more_time_to_stop_than_their_shutdown_timeout_and_real_hea
     for name, port in (("producer", 9101), ("consumer", 9102)):
         check = " ".join(services[name]["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/healthz" in check, f"{name}'s health check does not ask its /healthz"
+
+
+def published(service: dict[str, Any]) -> set[str]:
+    """The host addresses a service's ports are published on ("" for every interface)."""
+    found = set()
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            found.add(str(port.get("host_ip", "")))
+        else:
+            parts = str(port).split("/")[0].split(":")
+            found.add(parts[0] if len(parts) == 3 else "")
+    return found
+
+
+def test_every_published_port_is_on_this_machine_unless_opened_on_purpose(tmp_path: Path) -> None:
+    services = compose_config(tmp_path)["services"]
+    for name, svc in services.items():
+        assert published(svc) <= {"127.0.0.1"}, f"{name} is published on {published(svc)}"
+    opened = compose_config(tmp_path, GATEWAY_BIND="0.0.0.0", API_TOKEN="t" * 32)["services"]
+    assert published(opened["gateway"]) == {"0.0.0.0"}
+    assert opened["gateway"]["environment"]["API_TOKEN"] == "t" * 32
+    dockerfile = (ROOT / "deploy" / "gateway.Dockerfile").read_text()
+    assert re.search(r"^ENV .*\bGATEWAY_HOST=0\.0\.0\.0\b", dockerfile, re.M), "in its container it listens on all"

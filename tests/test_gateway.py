@@ -16,13 +16,15 @@ from common.models import Outcome, utcnow
 from common.settings import Secret, Settings
 from common.store import MessageStore
 from gateway.app import create_app
+from gateway.auth import is_public
 from tests.conftest import sql
 from tests.procs import free_port
 
 Client = TestClient[Any, Any]
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0f9e8d7c"
 LIST_FIELDS = {"id", "recipient", "content", "status", "remote_message_id", "attempts", "created_at", "sent_at"}
 DETAIL_EXTRA = {"last_error", "next_attempt_at", "queued_at", "updated_at", "attempt_log"}
+JSON = "application/json"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
 
@@ -191,6 +193,17 @@ INVALID_MESSAGES = [
     ({"recipient": "+90555", "content": "x"}, "recipient"),  # too short
     ({"recipient": "+9055511111111111", "content": "x"}, "recipient"),  # 16 digits
     ({"recipient": "+90555abc1111", "content": "x"}, "recipient"),
+    ({"recipient": "+905551111111\n", "content": "x"}, "recipient"),  # `$` would match before the newline
+    ({"recipient": "+905551111111\r\n", "content": "x"}, "recipient"),
+    ({"recipient": " +905551111111", "content": "x"}, "recipient"),
+    (
+        {"recipient": "+90555\u0661\u0661\u0661\u0661\u0661\u0661\u0661", "content": "x"},
+        "recipient",
+    ),  # Arabic-Indic digits
+    (
+        {"recipient": "+90555\uff11\uff11\uff11\uff11\uff11\uff11\uff11", "content": "x"},
+        "recipient",
+    ),  # fullwidth digits
     ({"recipient": 905551111111, "content": "x"}, "recipient"),
     ({"content": "x"}, "recipient"),
     ({"recipient": "+905551111111", "content": ""}, "content"),
@@ -327,7 +340,7 @@ async def test_unknown_command_is_422(client: Client, store: MessageStore) -> No
 
 
 async def test_process_message_bad_json_is_400(client: Client) -> None:
-    await error_of(await client.post("/process_message", data=b"{nope"), 400)
+    await error_of(await client.post("/process_message", data=b"{nope", headers={"Content-Type": JSON}), 400)
     await error_of(await client.post("/process_message", json=[1]), 422)
 
 
@@ -461,11 +474,84 @@ async def test_state_changes_need_the_token(
     assert resp.status in (200, 201), await resp.text()
 
 
-async def test_reads_stay_open_with_a_token(token_client: Client, store: MessageStore) -> None:
-    mid = await fail(store)
-    for url in ("/messages", f"/messages/{mid}", "/process_message", "/stats", "/healthz", "/metrics"):
+DATA_READS = ["/messages", "/messages?mask=true", "/messages/{failed}", "/stats/failed", "/stats/failed?mask=true"]
+OPEN = [
+    "/healthz",
+    "/metrics",
+    "/stats",
+    "/stats/timeline",
+    "/process_message",
+    "/swagger/index.html",
+    "/swagger/swagger.json",
+    "/swagger/init.js",
+    "/swagger/static/swagger-ui-bundle.js",
+    "/",
+    "/dashboard",
+    "/dashboard/dashboard.js",
+]
+
+
+async def test_with_a_token_message_data_needs_it(token_client: Client, store: MessageStore) -> None:
+    failed = await fail(store)
+    await send(store, 1)
+    for url in (u.format(failed=failed) for u in DATA_READS):
+        resp = await token_client.get(url)
+        assert (await error_of(resp, 401, url))["code"] == "unauthorized"
+        assert "+90555" not in await resp.text(), url
+        await error_of(await token_client.get(url, headers={"Authorization": "Bearer wrong-token-0123456789"}), 403)
+        resp = await token_client.get(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert resp.status == 200, url
+        assert "+90555" in await resp.text() or "mask=true" in url, url
+
+
+async def test_with_a_token_health_metrics_docs_and_the_dashboard_stay_open(token_client: Client) -> None:
+    for url in OPEN:
         assert (await token_client.get(url)).status == 200, url
-    assert (await token_client.get("/swagger/swagger.json")).status == 200
+    for _ in range(100):  # RabbitMQ is connected in the background after start-up
+        if (await token_client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert (await token_client.get("/readyz")).status == 200
+
+
+async def test_every_route_needs_the_token_unless_it_is_meant_to_be_open(settings: Settings) -> None:
+    """Deny by default: a route added later is protected unless someone marks it public on purpose."""
+    app = create_app(settings)
+    opened = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and is_public(route.handler)
+    }
+    assert opened == {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/stats"),
+        ("GET", "/stats/timeline"),
+        ("GET", "/process_message"),  # open to read the state; a command needs the token (checked inside)
+        ("GET", "/swagger/index.html"),
+        ("GET", "/swagger"),
+        ("GET", "/swagger/"),
+        ("GET", "/swagger/init.js"),
+        ("GET", "/swagger/static/{name}"),
+        ("GET", "/swagger/swagger.json"),
+        ("GET", "/"),
+        ("GET", "/dashboard"),
+        ("GET", "/dashboard/dashboard.css"),
+        ("GET", "/dashboard/dashboard.js"),
+    }
+
+
+async def test_masked_lists_hide_all_but_the_last_four_digits(client: Client, store: MessageStore) -> None:
+    await send(store, 1)
+    await fail(store)
+    (row,) = await (await client.get("/messages?mask=true")).json()
+    assert row["recipient"] == "+••••••••0000" and row["content"] == "message 0"
+    (row,) = await (await client.get("/stats/failed?mask=true")).json()
+    assert row["recipient"] == "+••••••••4567"
+    assert (await (await client.get("/messages?mask=false")).json())[0]["recipient"] == "+905551200000"
+    for url in ("/messages?mask=yes", "/stats/failed?mask=1"):
+        assert (await error_of(await client.get(url), 422, url))["details"]["field"] == "mask"
 
 
 async def test_without_a_token_state_changes_are_open(client: Client) -> None:
@@ -486,7 +572,12 @@ async def test_swagger_ui_is_served_offline(client: Client) -> None:
     for asset in assets:
         got = await client.get(asset)
         assert got.status == 200 and len(await got.read()) > 0, asset
-    assert '"/swagger/swagger.json"' in html
+    assert "<script>" not in html, "no inline script: the page's CSP allows none"
+    init = await (await client.get("/swagger/init.js")).text()
+    assert '"/swagger/swagger.json"' in init and "queryConfigEnabled: false" in init
+    bundle = await (await client.get("/swagger/static/swagger-ui-bundle.js")).text()
+    assert '"5.' in bundle[:400_000] or "5.24" in bundle, "a current Swagger UI"
+    assert (await client.get("/swagger/static/swagger-editor-bundle.js")).status == 404, "only what the page uses"
     resp = await client.get("/swagger", allow_redirects=False)
     assert (resp.status, resp.headers["Location"]) == (302, "/swagger/index.html")
 
@@ -516,8 +607,11 @@ async def test_spec_documents_every_endpoint_once_with_examples_and_security(cli
         ("GET", "/metrics"),
     }, "each documented once (no HEAD twins), none missing"
     protected = {
+        ("GET", "/messages"),
         ("POST", "/messages"),
+        ("GET", "/messages/{id}"),
         ("POST", "/messages/{id}/retry"),
+        ("GET", "/stats/failed"),
         ("GET", "/process_message"),
         ("POST", "/process_message"),
     }
@@ -533,6 +627,8 @@ async def test_spec_documents_every_endpoint_once_with_examples_and_security(cli
             assert all(op["responses"][c].get("examples") for c in op["responses"]), key
         if key in protected:
             assert {"401", "403"} <= set(op["responses"]), key
+        if any(p["in"] == "body" for p in op.get("parameters", [])):
+            assert "415" in op["responses"], key
     params = {p["name"]: p for p in operations[("GET", "/messages")]["parameters"]}
     assert (params["limit"]["minimum"], params["limit"]["maximum"], params["limit"]["default"]) == (1, 1000, 20)
     assert params["offset"]["minimum"] == 0 and "after" in params

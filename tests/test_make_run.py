@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from common.db import ensure_database
 from common.settings import Settings
 from tests.conftest import sql
 from tests.procs import ARTIFACTS, ROOT, free_port, wait_for
@@ -25,6 +26,7 @@ from tests.test_deploy import healthcheck_command
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 MARKER = "MESSAGE_SENDER_TEST_RUN"
+CAPABILITY = "5a1f0c3e-7b2d-4e8f-9a6b-c4d3e2f1a0b9"  # the path of a webhook.site URL: whoever has it reads all
 
 
 class MakeRun:
@@ -94,17 +96,38 @@ def own_lines(output: str) -> list[str]:
     return [ln for ln in output.splitlines() if not re.match(r"^\w+ +\| ", ln)]
 
 
-async def get(url: str) -> tuple[int, object]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
+async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         return response.status, await response.json(content_type=None)
 
 
+@pytest.fixture
+async def db_account(settings: Settings, run_id: str) -> AsyncIterator[dict[str, str]]:
+    """A MySQL account with a password (the test server's root has none), dropped at the end."""
+    password = "make-run-db-pw-93b1e"
+    await ensure_database(settings)  # the account may use it; make run migrates it as usual
+    await sql(settings, f"CREATE USER '{run_id}'@'%%' IDENTIFIED BY %s", (password,))
+    try:
+        await sql(settings, f"GRANT ALL ON `{run_id}`.* TO '{run_id}'@'%%'")
+        yield {"MYSQL_USER": run_id, "MYSQL_PASSWORD": password}
+    finally:
+        await sql(settings, f"DROP USER IF EXISTS '{run_id}'@'%%'")
+
+
 async def test_make_run_delivers_a_message_and_ctrl_c_stops_everything(
-    env: dict[str, str], settings: Settings, make_run: list[MakeRun], run_id: str, request: pytest.FixtureRequest
+    env: dict[str, str],
+    settings: Settings,
+    make_run: list[MakeRun],
+    run_id: str,
+    request: pytest.FixtureRequest,
+    db_account: dict[str, str],
 ) -> None:
     ports = {"GATEWAY_PORT": free_port(), "PRODUCER_METRICS_PORT": free_port(), "CONSUMER_METRICS_PORT": free_port()}
     standin = f"http://127.0.0.1:{free_port()}"
-    run_env = {**env, **{k: str(v) for k, v in ports.items()}, "WEBHOOK_URL": f"{standin}/webhook",
+    # Every secret set, the webhook URL a capability as a webhook.site one is: none may show in the output.
+    secrets = {"WEBHOOK_URL": f"{standin}/{CAPABILITY}", "API_TOKEN": "make-run-token-4c1d9e2f",
+               "WEBHOOK_AUTH_KEY": "k9", **db_account}  # fmt: skip
+    run_env = {**env, **{k: str(v) for k, v in ports.items()}, **secrets,
                "SEND_INTERVAL_SECONDS": "1", "RETRY_BASE_SECONDS": "0.2", "SHUTDOWN_TIMEOUT_SECONDS": "5"}  # fmt: skip
     run = MakeRun(run_env, ARTIFACTS / request.node.name, run_id)
     make_run.append(run)
@@ -117,10 +140,12 @@ async def test_make_run_delivers_a_message_and_ctrl_c_stops_everything(
     await wait_for(ready, 60, "make run to print the Swagger address")
     out = run.output()
     assert f"API          {gateway}/messages" in out
+    assert f"webhook      {standin}/{CAPABILITY[:4]}*** (local stand-in" in out, "scheme, host, a glimpse of the path"
     for name in ("standin", "gateway", "producer", "consumer"):
         assert f"\n{name:<8} | " in out, f"no output prefixed with {name}:\n{run.tail()}"
-    status, _ = await get(f"{gateway}/messages")
+    status, _ = await get(f"{gateway}/messages", {"Authorization": f"Bearer {secrets['API_TOKEN']}"})
     assert status == 200, "the printed API address answers"
+    assert (await get(f"{gateway}/messages"))[0] == 401, "and wants the token"
     assert len(run.processes()) >= 6, "make, run.py, the stand-in, gateway, producer and consumer"
 
     # the images' healthchecks work against the real services (the variable names the port they probe)
@@ -150,6 +175,10 @@ async def test_make_run_delivers_a_message_and_ctrl_c_stops_everything(
     out = run.output()
     assert "all stopped" in out and "killing" not in out, run.tail()
     assert not [ln for ln in own_lines(out) if "Traceback" in ln], run.tail()
+    shown = {"WEBHOOK_URL": CAPABILITY[4:], **{k: v for k, v in secrets.items() if k != "WEBHOOK_URL"}}
+    shown.pop("MYSQL_USER")
+    for name, secret in shown.items():
+        assert secret not in out, f"{name} shows in the output of make run"
 
 
 @pytest.mark.parametrize("dependency", ["MySQL", "Redis", "RabbitMQ"])

@@ -163,8 +163,10 @@ async def test_each_service_counts_a_run_of_deliveries(
 SECRETS = {
     "MYSQL_PASSWORD": "mysql-pw-7d41c",
     "WEBHOOK_AUTH_KEY": "hook-key-2b9e0",
-    "API_TOKEN": "api-token-5f3a8",
+    "API_TOKEN": "api-token-5f3a8-91c0e",
 }
+# The path of the webhook URL: a webhook.site URL is a capability (whoever has it reads every message).
+CAPABILITY = "0b7e2c1a-5d4f-4e3a-9b8c-7d6e5f4a3b2c"
 
 
 @pytest.mark.private("mysql")  # it creates a MySQL account: on a private server, not the machine's
@@ -183,7 +185,7 @@ async def test_every_log_line_is_json_and_no_secret_is_logged_or_answered(
     assert f":{amqp_password}@" in settings.amqp_url.reveal()
     for svc in cluster.services:
         text = svc.log()
-        for name, secret in [*SECRETS.items(), ("AMQP_URL", f":{amqp_password}@")]:
+        for name, secret in [*SECRETS.items(), ("AMQP_URL", f":{amqp_password}@"), ("WEBHOOK_URL", CAPABILITY[4:])]:
             assert secret not in text, f"{name} appears in the log of {svc.name}"
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -213,7 +215,8 @@ async def test_every_log_line_is_json_and_no_secret_is_logged_or_answered(
 async def _run_with_secrets(settings: Settings, cluster: Cluster, standin: StandIn, user: str) -> None:
     token = SECRETS["API_TOKEN"]
     await standin.behave(auth_key=SECRETS["WEBHOOK_AUTH_KEY"], script=[{"status": 503}, {"status": 400}])
-    overrides = {"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG", "MYSQL_USER": user, **SECRETS}
+    overrides = {"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG", "MYSQL_USER": user, **SECRETS,
+                 "WEBHOOK_URL": f"{standin.url}/{CAPABILITY}"}  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cluster.start("gateway", GATEWAY_PORT=str(port), **overrides)
@@ -254,20 +257,24 @@ async def _run_with_secrets(settings: Settings, cluster: Cluster, standin: Stand
             json={"recipient": "+905550000009", "content": "x"},
             headers={"Authorization": f"Bearer {token[:-1]}"},
         )
-        await call("POST", "/process_message", 400, data=b"{not json", headers=auth)
-        await call("GET", "/messages?limit=0", 422)
-        await call("GET", "/messages/999999", 404)
+        await call("POST", "/process_message", 415, data=b"{not json", headers=auth)
+        await call(
+            "POST", "/process_message", 400, data=b"{not json", headers={**auth, "Content-Type": "application/json"}
+        )
+        await call("GET", "/messages?limit=0", 422, headers=auth)
+        await call("GET", "/messages/999999", 404, headers=auth)
         await wait_for(lambda: all_finished(settings), 30, "every message to finish")
         await call("GET", "/stats", 200)
         await call("GET", "/metrics", 200)
         assert producer.terminate() == 0 and consumer.terminate() == 0
         await sql(settings, "DROP TABLE message_attempts")  # the database breaks under the gateway
-        error = await call("GET", f"/messages/{ids[0]}", 500)
+        error = await call("GET", f"/messages/{ids[0]}", 500, headers=auth)
         assert error["error"]["message"] == "internal server error"
     assert cluster.services[0].terminate() == 0
     for answer in answers:
-        for name, secret in SECRETS.items():
+        for name, secret in [*SECRETS.items(), ("WEBHOOK_URL", CAPABILITY)]:
             assert secret not in answer, f"{name} in an answer of the gateway: {answer}"
+    assert len(await standin.received()) >= 3, "the webhook URL was used all the same"
 
 
 # --- /stats against the database -----------------------------------------------------------------------
@@ -439,10 +446,31 @@ def test_secrets_of_the_settings() -> None:
             "MYSQL_PASSWORD": "db-pass",
             "REDIS_URL": "redis://:redis-pass@cache:6379/0",
             "AMQP_URL": "amqp://user:amqp%40pass@broker/",
-            "API_TOKEN": "tok-123",
+            "API_TOKEN": "tok-123-4567890abcdef",
+            "WEBHOOK_URL": "https://webhook.site/0b7e2c1a-5d4f-4e3a-9b8c-7d6e5f4a3b2c",
+            "WEBHOOK_AUTH_KEY": "k",
         },
         dotenv=None,
     )
-    found = set(secrets_of(settings))
-    assert {"db-pass", "redis-pass", "amqp%40pass", "amqp@pass", "tok-123"} <= found
-    assert "user" not in found and not any("://" in s for s in found), "only the passwords of URLs"
+    found = secrets_of(settings)
+    assert {"db-pass", "redis-pass", "amqp%40pass", "amqp@pass", "tok-123-4567890abcdef", "k"} <= set(found)
+    assert "user" not in found, "only the passwords of URLs"
+    assert not any("://" in s for s in found if "webhook.site" not in s), "only the passwords of URLs"
+    assert found["https://webhook.site/0b7e2c1a-5d4f-4e3a-9b8c-7d6e5f4a3b2c"] == "https://webhook.site/0b7e***"
+    assert found["/0b7e2c1a-5d4f-4e3a-9b8c-7d6e5f4a3b2c"] == "/0b7e***"
+
+
+def test_every_secret_is_scrubbed_whatever_its_length() -> None:
+    settings = Settings.from_env(
+        {"WEBHOOK_AUTH_KEY": "Q", "MYSQL_PASSWORD": "pw", "WEBHOOK_URL": "https://webhook.site/0b7e2c1a-5d4f-4e3a"},
+        dotenv=None,
+    )
+
+    def emit(log: logging.Logger) -> None:
+        log.warning("key Q, password pw; posting to https://webhook.site/0b7e2c1a-5d4f-4e3a failed")
+        log.warning("redirect to /0b7e2c1a-5d4f-4e3a?x=1, id 0b7e2c1a-5d4f-4e3a")
+
+    for formatter in (JsonFormatter(secrets_of(settings)), TextFormatter(secrets_of(settings))):
+        text = "\n".join(_log_with(formatter, emit))
+        assert "Q" not in text and "pw" not in text and "0b7e2c1a" not in text, text
+        assert "https://webhook.site/0b7e***" in text, "scheme, host and the first characters of the path stay"

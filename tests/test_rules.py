@@ -83,7 +83,15 @@ def test_parse_body(body: bytes, expected: list[int] | None) -> None:
 
 def test_validation() -> None:
     assert validate_recipient("+905551111111") == "+905551111111"
-    for bad in ("905551111111", "+1234567", "+1234567890123456", "+90 555", 5):
+    for bad in (
+        "905551111111",
+        "+1234567",
+        "+1234567890123456",
+        "+90 555",
+        5,
+        "+905551111111\n",
+        "+90555\u0661\u0661\u0661\u0661\u0661\u0661\u0661",
+    ):
         with pytest.raises(ValidationError):
             validate_recipient(bad)
     for bad in ("", "   ", "x" * 161, None):

@@ -10,7 +10,14 @@ import pytest
 
 from common.db import connect_kwargs, create_pool
 from common.errors import MigrationError
-from common.migrations import LATEST, MIGRATIONS, migrate
+from common.migrations import (
+    LATEST,
+    MIGRATIONS,
+    NEW_RECIPIENT_CHECK,
+    OLD_RECIPIENT_CHECK,
+    _recipient_check_over_the_whole_string,
+    migrate,
+)
 from common.settings import Settings
 from tests.conftest import sql
 
@@ -105,6 +112,8 @@ async def test_a_row_inserted_by_hand_in_another_time_zone_gets_its_utc_time(
     assert [r[0] for r in rows] == ["from +05:00", "from UTC"], "oldest first"
     assert all(abs(int(r[1])) < 60 and abs(int(r[2])) < 60 for r in rows), rows
 
+    assert rows == [(n,) for n, _, _ in MIGRATIONS] and rows[-1] == (LATEST,)
+
 
 async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, settings: Settings) -> None:
     await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'Insider - Project')")
@@ -121,6 +130,14 @@ async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, set
         ("+12", "hi"),
         ("+9055511111112222", "hi"),
         ("+90555abc1111", "hi"),
+        ("+905551111111\n", "hi"),  # `$` of REGEXP matches before a final line break: the CHECK must not
+        ("+905551111111\r\n", "hi"),
+        ("\n+905551111111", "hi"),
+        ("+90555 1111111", "hi"),
+        ("+905551111111 ", "hi"),
+        ("+90555\u0661\u0661\u0661\u0661\u0661\u0661\u0661", "hi"),  # Arabic-Indic digits
+        ("+90555\uff11\uff11\uff11\uff11\uff11\uff11\uff11", "hi"),  # fullwidth digits
+        ("+9055+5111111", "hi"),
     ],
 )
 async def test_database_refuses_bad_rows(pool: aiomysql.Pool, settings: Settings, recipient: str, content: str) -> None:
@@ -132,3 +149,37 @@ async def test_database_refuses_bad_rows(pool: aiomysql.Pool, settings: Settings
 async def test_160_characters_of_any_script_fit(pool: aiomysql.Pool, settings: Settings) -> None:
     await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, %s)", ("+905551111111", "ğ😀" * 80))
     assert await sql(settings, "SELECT CHAR_LENGTH(content) FROM messages") == [(160,)]
+
+
+async def test_upgrading_mends_a_recipient_the_old_check_let_in(settings: Settings) -> None:
+    """Version 1's CHECK let a trailing line break through; version 2 strips it from such rows (keeping the rest
+    of the row as it was) so that its whole-string CHECK can be added, and refuses new ones."""
+    pool = await create_pool(settings)
+    try:
+        assert await migrate(pool, upto=1) == [1]
+        await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi'), ('+905552222222', 'ok')",
+                  ("+905551111111\n",))  # fmt: skip
+        before = await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id")
+        assert await migrate(pool) == [2]
+    finally:
+        pool.close()
+        await pool.wait_closed()
+    assert await sql(settings, "SELECT recipient FROM messages ORDER BY id") == [("+905551111111",), ("+905552222222",)]
+    assert await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id") == before
+    with pytest.raises(pymysql.err.MySQLError):
+        await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi')", ("+905551111111\n",))
+
+
+async def test_the_recipient_step_finishes_an_interrupted_run_and_is_a_no_op_after(
+    pool: aiomysql.Pool, settings: Settings
+) -> None:
+    names = "SELECT constraint_name FROM information_schema.check_constraints WHERE constraint_schema = DATABASE()"
+    assert {n for (n,) in await sql(settings, names)} >= {NEW_RECIPIENT_CHECK}
+    assert OLD_RECIPIENT_CHECK not in {n for (n,) in await sql(settings, names)}
+    # Interrupted after the first ALTER: the old CHECK is still there (as a crash would leave it).
+    await sql(settings, f"ALTER TABLE messages ADD CONSTRAINT {OLD_RECIPIENT_CHECK} CHECK (recipient LIKE '+%%')")
+    for _ in range(2):
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await _recipient_check_over_the_whole_string(cur)
+        found = {n for (n,) in await sql(settings, names)}
+        assert NEW_RECIPIENT_CHECK in found and OLD_RECIPIENT_CHECK not in found, found

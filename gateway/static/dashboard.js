@@ -1,6 +1,8 @@
 // The dashboard's own script: no framework, no build step, nothing loaded from elsewhere.
 // It refreshes the page from the documented API every few seconds and drives the two actions
-// (the sending switch, retrying a failed message) with the API token the user gives, kept in this tab only.
+// (the sending switch, retrying a failed message). When the gateway has an API token, it asks for it once
+// (at the first 401) and sends it with every request; it is kept in this tab only. Recipients come masked
+// by the server (mask=true): the full numbers never reach this page.
 "use strict";
 
 (() => {
@@ -47,13 +49,6 @@
       : date.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium", hour12: false });
   }
 
-  // Every digit but the last four hidden: +905551234567 -> +•••••••••4567.
-  function mask(recipient) {
-    const digits = (recipient.match(/\d/g) || []).length;
-    let seen = 0;
-    return recipient.replace(/\d/g, (d) => (seen++ < digits - 4 ? "•" : d));
-  }
-
   function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
     for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
@@ -85,8 +80,12 @@
   }
 
   async function getJSON(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
-    if (!response.ok) throw new Error(`${url}: ${await errorText(response)}`);
+    const response = await call("GET", url, undefined, !declined);
+    if (!response.ok) {
+      const error = new Error(`${url.split("?")[0]}: ${await errorText(response)}`);
+      error.status = response.status;
+      throw error;
+    }
     return { body: await response.json(), headers: response.headers };
   }
 
@@ -214,7 +213,7 @@
         el(
           "tr",
           { "data-id": String(m.id) },
-          cell("Recipient", mask(m.recipient), "mono"),
+          cell("Recipient", m.recipient, "mono"),
           cell("Content", m.content),
           cell("Sent", timeEl(m.sent_at, false)),
           cell("Remote id", m.remote_message_id || DASH, "mono remote"),
@@ -235,7 +234,7 @@
         return el(
           "tr",
           { "data-id": String(m.id) },
-          cell("Recipient", mask(m.recipient), "mono"),
+          cell("Recipient", m.recipient, "mono"),
           cell("Content", m.content),
           cell("Reason", m.last_error || DASH, "reason"),
           cell("Failed", timeEl(m.updated_at, false)),
@@ -262,8 +261,8 @@
     const results = await Promise.allSettled([
       getJSON("/stats"),
       getJSON(`/stats/timeline?minutes=${MINUTES}`),
-      getJSON(`/messages?limit=${PAGE_SIZE}&offset=${pages.sent.offset}`),
-      getJSON(`/stats/failed?limit=${PAGE_SIZE}&offset=${pages.failed.offset}`),
+      getJSON(`/messages?limit=${PAGE_SIZE}&offset=${pages.sent.offset}&mask=true`),
+      getJSON(`/stats/failed?limit=${PAGE_SIZE}&offset=${pages.failed.offset}&mask=true`),
     ]);
     if (mine !== generation) return; // a newer refresh started meanwhile
     const [stats, series, sent, failed] = results;
@@ -280,7 +279,14 @@
       renderFailed(failed.value.body);
       renderPager("failed");
     }
-    const problems = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
+    for (const [result, table, columns] of [[sent, "#sent-table", 4], [failed, "#failed-table", 5]]) {
+      if (result.status === "rejected" && [401, 403].includes(result.reason.status)) {
+        $(`${table} tbody`).replaceChildren(emptyRow(columns, "Needs the API token: reload the page to enter it."));
+      }
+    }
+    const problems = results
+      .filter((r) => r.status === "rejected" && ![401, 403].includes(r.reason.status))
+      .map((r) => r.reason.message);
     const problem = $("#problem");
     problem.hidden = !problems.length;
     problem.textContent = problems.length
@@ -299,9 +305,11 @@
     return refresh();
   }
 
-  // --- changing state, with the API token when the gateway asks for one ---------------------------
+  // --- the API token, when the gateway asks for one -------------------------------------------------
 
   let tokenAnswer = null;
+  let asking = null; // the open dialog, shared by every request that needs the token meanwhile
+  let declined = false; // cancelled: reads stop asking (an action asks again)
 
   function askToken(error) {
     const dialog = $("#token-dialog");
@@ -324,7 +332,14 @@
     if (resolve) resolve(value);
   }
 
-  async function authorized(method, url, body) {
+  function tokenOnce(error) {
+    if (!asking) asking = askToken(error).finally(() => (asking = null));
+    return asking;
+  }
+
+  // One request with the token of this tab; on a 401 (or 403 for that token) ask for it, once for all the
+  // requests waiting meanwhile, and try again. Returns the last response (a 401/403 if the user cancelled).
+  async function call(method, url, body, ask = true) {
     for (;;) {
       const token = sessionStorage.getItem(TOKEN_KEY);
       const headers = { Accept: "application/json" };
@@ -333,20 +348,32 @@
       const response = await fetch(url, {
         method,
         headers,
+        cache: "no-store",
         body: body === undefined ? undefined : JSON.stringify(body),
       });
-      if (response.status !== 401 && response.status !== 403) return response;
+      if (response.status !== 401 && !(response.status === 403 && token)) return response;
+      if (token && sessionStorage.getItem(TOKEN_KEY) !== token) continue; // replaced meanwhile: try the new one
       sessionStorage.removeItem(TOKEN_KEY);
-      const refused = response.status === 403 || token;
-      const given = await askToken(
-        refused ? "Wrong token: the gateway refused it. Enter the API_TOKEN the gateway runs with." : "",
+      if (!ask) return response;
+      const given = await tokenOnce(
+        token ? "Wrong token: the gateway refused it. Enter the API_TOKEN the gateway runs with." : "",
       );
       if (given === null) {
-        notice("Nothing changed: this needs the API token.", true);
-        return null;
+        declined = true;
+        return response;
       }
+      declined = false;
       sessionStorage.setItem(TOKEN_KEY, given);
     }
+  }
+
+  async function authorized(method, url, body) {
+    const response = await call(method, url, body);
+    if (declined && (response.status === 401 || response.status === 403)) {
+      notice("Nothing changed: this needs the API token.", true);
+      return null;
+    }
+    return response;
   }
 
   async function toggle() {
