@@ -36,7 +36,6 @@ from common.store import MessageStore
 from consumer.service import Consumer
 from tests.chaos_helpers import (
     TICK,
-    CuttingProxy,
     KnownBug,
     alive,
     assert_accounting,
@@ -68,6 +67,7 @@ from tests.chaos_helpers import (
     wait_finished,
     wait_sent,
 )
+from tests.faultproxy import CuttingProxy
 from tests.procs import ROOT, Cluster, StandIn, free_port, wait_for
 
 GUARANTEES = ["at-most-once", "at-least-once"]
