@@ -159,7 +159,7 @@ TIMELINE_EXAMPLE = [
             "description": "The per-minute series.",
             "examples": {"application/json": TIMELINE_EXAMPLE},
         },
-        **error_responses(422),
+        **error_responses(422, 503),
     },
 )
 @querystring_schema(TimelineQuerySchema)
@@ -219,7 +219,7 @@ FAILED_EXAMPLE = {
             "description": "A page of failed messages.",
             "examples": {"application/json": [FAILED_EXAMPLE]},
         },
-        **error_responses(422),
+        **error_responses(422, 503),
     },
 )
 @querystring_schema(FailedQuerySchema)

@@ -162,7 +162,7 @@ _DESCRIPTIONS = {
     409: "The message is not in a status that allows the operation.",
     413: f"The request body is larger than {MAX_BODY_BYTES} bytes.",
     422: "A parameter or body field is invalid; `details.field` names it.",
-    503: "A dependency is unreachable (MySQL: `unavailable`, with `Retry-After`).",
+    503: "MySQL does not answer (down, hanging or not connected yet): try again after `Retry-After` seconds.",
 }
 _EXAMPLES = {
     400: ("invalid_json", "the request body is not valid JSON: unexpected character: line 1 column 1 (char 0)", {}),
@@ -176,11 +176,7 @@ _EXAMPLES = {
         {"max_bytes": MAX_BODY_BYTES},
     ),
     422: ("validation_error", "limit: must be an integer between 1 and 1000", {"field": "limit", "value": "0"}),
-    503: (
-        "not_ready",
-        "not ready: rabbitmq unreachable",
-        {"checks": {"mysql": "ok", "redis": "ok", "rabbitmq": "down"}},
-    ),
+    503: ("unavailable", MYSQL_UNAVAILABLE, {"dependency": "mysql"}),
 }
 
 

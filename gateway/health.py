@@ -92,6 +92,11 @@ class AliveSchema(Schema):
 
 
 ALIVE = {"status": "ok"}
+NOT_READY_EXAMPLE = {
+    "code": "not_ready",
+    "message": "not ready: mysql unreachable",
+    "details": {"checks": {"mysql": "down: not connected yet", "redis": "ok", "rabbitmq": "ok"}},
+}
 
 
 @docs(
@@ -114,7 +119,11 @@ async def healthz(_: web.Request) -> web.Response:
             "description": "Every dependency answered.",
             "examples": {"application/json": {"status": "ready", "checks": {n: "ok" for n in CHECKS}}},
         },
-        **error_responses(503),
+        "503": {
+            **error_responses(503)["503"],
+            "description": "A dependency is unreachable; `details.checks` says which and why.",
+            "examples": {"application/json": {"error": NOT_READY_EXAMPLE}},
+        },
     },
 )
 async def readyz(request: web.Request) -> web.Response:

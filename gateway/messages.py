@@ -68,7 +68,7 @@ def _message_id(request: web.Request) -> int:
             },
             "examples": {"application/json": [EXAMPLE]},
         },
-        **error_responses(422),
+        **error_responses(422, 503),
     },
 )
 @querystring_schema(ListQuerySchema)
@@ -115,7 +115,7 @@ async def list_messages(request: web.Request) -> web.Response:
                 }
             },
         },
-        **error_responses(400, 401, 403, 413, 422),
+        **error_responses(400, 401, 403, 413, 422, 503),
     },
 )
 @json_schema(MessageCreateSchema, required=True)
@@ -145,7 +145,7 @@ async def create_message(request: web.Request) -> web.Response:
             "description": "The message.",
             "examples": {"application/json": DETAIL_EXAMPLE},
         },
-        **error_responses(404, 422),
+        **error_responses(404, 422, 503),
     },
     parameters=[ID_PARAMETER],
 )
@@ -168,7 +168,7 @@ async def get_message(request: web.Request) -> web.Response:
             "description": "The message, now pending.",
             "examples": {"application/json": {**DETAIL_EXAMPLE, "status": "pending", "attempts": 0, "sent_at": None}},
         },
-        **error_responses(401, 403, 404, 409, 422),
+        **error_responses(401, 403, 404, 409, 422, 503),
     },
     parameters=[ID_PARAMETER],
 )

@@ -91,11 +91,12 @@ class MysqlLink:
                     await pool.wait_closed()
                 break
             except Exception as exc:
+                # One line per attempt, no traceback: unreachable, or access denied, a newer schema...
+                reason = f"{type(exc).__name__}: {exc}"
                 if db.is_unavailable(exc):
-                    reason = f"{type(exc).__name__}: {exc}"
                     log.warning("MySQL at %s unreachable (%s); retrying in %.1fs", self.where, reason, delay)
                 else:
-                    log.exception("MySQL at %s: cannot apply the migrations; retrying in %.1fs", self.where, delay)
+                    log.error("MySQL at %s: cannot migrate (%s); retrying in %.1fs", self.where, reason, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
         self.ready.set()
