@@ -96,7 +96,8 @@ class _TimedConnection(aiomysql.Connection):  # type: ignore[misc]
     read_timeout: float | None = None
 
     async def _read_bytes(self, num_bytes: int) -> bytes:
-        if self.read_timeout is None:
+        if self.read_timeout is None or len(getattr(self._reader, "_buffer", b"")) >= num_bytes:
+            # Already received (most packets of an answer are): no wait, so no timer to arm.
             return await super()._read_bytes(num_bytes)  # type: ignore[no-any-return]
         try:
             async with asyncio.timeout(self.read_timeout):
@@ -134,7 +135,9 @@ class Pool(aiomysql.Pool):  # type: ignore[misc]
                 conn.read_timeout = self.read_timeout
 
     async def _acquire(self) -> aiomysql.Connection:
-        if self.acquire_timeout is None:
+        if self.acquire_timeout is None or (self._free and not self._cond.locked()):
+            # A free connection and nobody opening one: handed out at once (a stale one replaced within
+            # connect_timeout), so the common case needs no timer task.
             return await super()._acquire()
         try:
             # wait_for, not timeout(): a connection acquired just as the bound expires is returned
