@@ -46,7 +46,6 @@ class FaultProxy:
             return
         if mode == "refuse":
             await self._stop_listening()
-            self.cut()
         elif self.mode == "refuse":
             await self._listen()
         if mode == "hang":
@@ -62,22 +61,21 @@ class FaultProxy:
             writer.transport.abort()
         return len(writers)
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._writers) // 2
-
     async def close(self) -> None:
         await self._stop_listening()
-        self.cut()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _stop_listening(self) -> None:
+        """Stop accepting and reset every open connection (before waiting: since Python 3.12,
+        ``wait_closed`` waits for the server's connections to end)."""
         if self._server is not None:
             self._server.close()
+            self.cut()
             await self._server.wait_closed()
             self._server = None
+        self.cut()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
