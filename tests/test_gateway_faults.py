@@ -176,6 +176,9 @@ async def test_a_hanging_mysql_costs_each_request_seconds_and_the_api_recovers(
     assert took < SNAPSHOT + SLACK, f"/stats took {took:.1f}s with MySQL hanging"
     status, body, took = await gateway.get("/readyz")
     assert status == 503 and body["error"]["details"]["checks"]["mysql"].startswith("down")
+    status, page, took = await gateway.get("/")  # the dashboard still loads, without the statistics
+    assert status == 200 and "<html" in page.lower() and took < SNAPSHOT + SLACK, (status, took)
+    assert not gateway.logged("dashboard rendered without statistics")
 
     await proxy.set("pass")
 
