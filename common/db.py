@@ -158,9 +158,11 @@ def new_pool(
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     read_timeout: float | None = None,
     acquire_timeout: float | None = None,
+    cls: type[Pool] = Pool,
 ) -> Pool:
-    """A pool on the configured database that has not connected yet: the first ``acquire`` connects."""
-    return Pool(
+    """A pool (of ``cls``) on the configured database that has not connected yet: the first ``acquire``
+    connects."""
+    return cls(
         minsize=minsize,
         maxsize=maxsize,
         echo=False,

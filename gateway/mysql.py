@@ -57,17 +57,17 @@ class MysqlLink:
         self.settings = settings
         self.ready = asyncio.Event()
         self.down_since: float | None = None
-        self.pool = _Pool(
-            minsize=1,
+        pool = db.new_pool(
+            settings,
             maxsize=POOL_SIZE,
-            echo=False,
-            pool_recycle=3600,
-            loop=asyncio.get_running_loop(),
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
             read_timeout=READ_TIMEOUT_SECONDS,
             acquire_timeout=ACQUIRE_TIMEOUT_SECONDS,
-            **db.connect_kwargs(settings, connect_timeout=CONNECT_TIMEOUT_SECONDS),
+            cls=_Pool,
         )
-        self.pool.link = self
+        assert isinstance(pool, _Pool)
+        pool.link = self
+        self.pool = pool
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
