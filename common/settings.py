@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -111,7 +112,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
         if value < lo or (hi is not None and value > hi):
             raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
         return value
@@ -119,11 +123,20 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float, strict: bool = False) -> Callable[[str], float]:
+def _float(lo: float, strict: bool = False, hi: float | None = None) -> Callable[[str], float]:
+    """A finite number of seconds, ``>= lo`` (``> lo`` when ``strict``) and ``<= hi``. Infinities and NaN
+    are refused whatever the bounds: ``inf`` would pass a lower bound, then overflow a ``timedelta`` or a
+    timer deep inside a service."""
+    above = f"{'>' if strict else '>='} {lo:g}"
+    wanted = f"must be a finite number {above}" + (f" and <= {hi:g}" if hi is not None else "")
+
     def parse(raw: str) -> float:
-        value = float(raw)
-        if value != value or value < lo or (strict and value == lo):
-            raise ValueError(f"must be {'>' if strict else '>='} {lo:g}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(wanted) from None
+        if not math.isfinite(value) or value < lo or (strict and value == lo) or (hi is not None and value > hi):
+            raise ValueError(wanted)
         return value
 
     return parse
@@ -239,6 +252,11 @@ def _api_token(raw: str) -> str:
     return raw
 
 
+# Upper bounds of the durations: far above any sensible value, low enough that no timer, timedelta or
+# Redis TTL built from them overflows.
+HOUR = 3600
+DAY = 24 * HOUR
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "mysql_port": _int(1, 65535),
     "mysql_database": lambda raw: _identifier(raw),
@@ -248,22 +266,22 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "amqp_url": _url(("amqp", "amqps")),
     "webhook_url": _url(("http", "https")),
     "api_token": _api_token,
-    "webhook_timeout_seconds": _float(0, strict=True),
-    "send_interval_seconds": _float(0, strict=True),
+    "webhook_timeout_seconds": _float(0, strict=True, hi=HOUR),
+    "send_interval_seconds": _float(0, strict=True, hi=DAY),
     "send_batch_size": _int(1, 100_000),
     "max_attempts": _int(1, 1000),
-    "retry_base_seconds": _float(0),
-    "claim_lease_seconds": _float(0, strict=True),
-    "leader_lease_seconds": _float(1, strict=True),
-    "retention_days": _float(0),
+    "retry_base_seconds": _float(0, hi=HOUR),
+    "claim_lease_seconds": _float(0, strict=True, hi=7 * DAY),
+    "leader_lease_seconds": _float(1, strict=True, hi=HOUR),
+    "retention_days": _float(0, hi=36500),
     "delivery_guarantee": _choice(DELIVERY_GUARANTEES),
     "consumer_prefetch": _int(1, 65535),
     "consumer_concurrency": _int(1, 100_000),
-    "shutdown_timeout_seconds": _float(0),
+    "shutdown_timeout_seconds": _float(0, hi=HOUR),
     "gateway_port": _int(0, 65535),
     "producer_metrics_port": _int(0, 65535),
     "consumer_metrics_port": _int(0, 65535),
-    "cache_ttl_seconds": _int(0),
+    "cache_ttl_seconds": _int(0, 10 * 365 * DAY),
     "log_level": _choice(LOG_LEVELS, upper=True),
     "log_format": _choice(LOG_FORMATS),
 }

@@ -1,19 +1,20 @@
 """``python -m gateway`` / ``message-sender-gateway``: the public REST API, Swagger UI, health and metrics.
 
-The schema migrations are applied on start-up (by the app's MySQL context, before it takes requests);
-SIGTERM/SIGINT stop it gracefully (aiohttp's ``run_app``).
+It listens at once, MySQL or not; the schema migrations are applied as soon as MySQL answers
+(:mod:`gateway.mysql`), requests that need it answer 503 until then;
+SIGTERM/SIGINT stop it gracefully (:func:`gateway.server.serve`); malformed requests that aiohttp
+refuses itself are answered as JSON too (:mod:`gateway.server`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from aiohttp import web
-
-from common.logs import secrets_of, setup_logging
-from common.service import load_settings, new_event_loop
+from common.service import run_service
 from common.settings import Settings
 from gateway.app import create_app
+from gateway.server import serve
 from gateway.spec import SWAGGER_UI
 
 log = logging.getLogger("gateway")
@@ -32,9 +33,7 @@ def exposure_warning(settings: Settings) -> str | None:
     )
 
 
-def main() -> None:
-    settings = load_settings("gateway")  # a bad setting: one line "gateway: ..." and exit code 2
-    setup_logging(settings.log_level, settings.log_format, secrets_of(settings))
+async def run(settings: Settings, stop: asyncio.Event) -> None:
     shown = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::", "") else settings.gateway_host
     log.info(
         "gateway starting on %s:%d; Swagger UI at http://%s:%d%s; API token %s",
@@ -47,14 +46,11 @@ def main() -> None:
     )
     if warning := exposure_warning(settings):
         log.warning("%s", warning)
-    web.run_app(
-        create_app(settings),
-        host=settings.gateway_host,
-        port=settings.gateway_port,
-        access_log=None,  # gateway.access logs each request with its fields instead
-        print=None,
-        loop=new_event_loop(),
-    )
+    await serve(create_app(settings), settings, stop)
+
+
+def main() -> None:
+    run_service("gateway", run)  # a bad setting: one line "gateway: ..." and exit code 2
 
 
 if __name__ == "__main__":

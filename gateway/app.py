@@ -13,32 +13,37 @@ import redis.asyncio as redis
 from aiohttp import web
 from yarl import URL
 
-from common.db import pool_ctx
-from common.migrations import migrate
 from common.settings import Settings, mask_url
 from common.store import MessageStore
 from gateway import dashboard, dispatch, health, messages
 from gateway.auth import auth_middleware, digest
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.httputil import add_security_headers
-from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, PAGES, REDIS, SETTINGS, STORE, AmqpLink
+from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, MYSQL, PAGES, READINESS, REDIS, SETTINGS, STORE, AmqpLink
 from gateway.metrics import HttpMetrics, metrics_middleware
+from gateway.mysql import STARTUP_WAIT_SECONDS, MysqlLink
 from gateway.paging import PageCache
 from gateway.spec import setup_swagger
 
 log = logging.getLogger(__name__)
 
-DB_POOL_SIZE = 20
 AMQP_RETRY_SECONDS = 5.0
 
 
 async def mysql_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The MySQL pool (retried with backoff until MySQL answers) and the schema brought up to date."""
-    async with pool_ctx(app[SETTINGS], maxsize=DB_POOL_SIZE) as pool:
-        await migrate(pool)
-        app[DB_POOL] = pool
-        app[STORE] = MessageStore(pool)
+    """The MySQL pool, opened in the background (see :mod:`gateway.mysql`): start-up waits a moment for it,
+    then listens anyway, /readyz reporting MySQL until it is connected and the schema is up to date."""
+    link = MysqlLink(app[SETTINGS])
+    app[MYSQL] = link
+    app[DB_POOL] = link.pool
+    app[STORE] = MessageStore(link.pool)
+    link.start()
+    if not await link.wait_ready(STARTUP_WAIT_SECONDS):
+        log.warning("listening before MySQL answers: requests that need it answer 503 until it does")
+    try:
         yield
+    finally:
+        await link.close()
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -84,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[AMQP] = AmqpLink()
     app[PAGES] = PageCache()
+    app[READINESS] = {}
     app[API_TOKEN] = digest(settings.api_token.reveal())
     app.cleanup_ctx.extend([mysql_ctx, redis_ctx, amqp_ctx])
     app.on_response_prepare.append(add_security_headers)

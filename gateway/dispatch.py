@@ -50,7 +50,7 @@ def _responses(with_body: bool) -> dict[str, Any]:
             "description": "The state of automatic sending after the command (or now, without one).",
             "examples": {"application/json": {"sending": "stopped"}},
         },
-        **error_responses(*((400, 401, 403, 413, 415, 422) if with_body else (401, 403, 422))),
+        **error_responses(*((400, 401, 403, 413, 415, 422, 503) if with_body else (401, 403, 422, 503))),
     }
 
 

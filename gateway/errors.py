@@ -4,7 +4,14 @@
 - validation errors of :mod:`common.models` -> 422 naming the field, ``NotFoundError`` -> 404,
   ``ConflictError`` -> 409;
 - aiohttp's own HTTP errors (unknown route 404, 405 with ``Allow``, 413 body too big...) -> JSON;
+- MySQL unavailable (refused, lost, timed out, not connected yet) -> 503 ``unavailable``, the outage
+  logged once (:mod:`gateway.mysql`), no traceback per request;
+- a request that is not answered within :data:`REQUEST_DEADLINE_SECONDS` -> 503 ``unavailable``;
+- a body that cannot be decoded (``Content-Encoding: gzip`` on a plain body...) -> 400 ``bad_request``;
 - anything else: logged with its traceback, answered with a generic 500 that reveals nothing.
+
+Malformed requests that aiohttp refuses before any handler runs (bad headers, over-long lines...) are
+answered in the same envelope by :mod:`gateway.server`.
 
 Request bodies are limited to :data:`MAX_BODY_BYTES`: a declared ``Content-Length`` over it is refused
 before anything is read, and aiohttp stops a longer chunked body at the same limit.
@@ -17,15 +24,24 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler
 from marshmallow import Schema, fields
 
+from common import db
 from common.errors import ConflictError, NotFoundError, ValidationError
 from gateway.httputil import ApiError, json_response
+from gateway.keys import MYSQL
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+# Every request is answered within this bound: a MySQL that hangs costs a client seconds, not minutes
+# (each MySQL read gives up after 3 s and the wait for a connection after 2 s, see gateway.mysql).
+REQUEST_DEADLINE_SECONDS = 5.0
+MYSQL_UNAVAILABLE = "MySQL does not answer; try again shortly"
+RETRY_AFTER = {"Retry-After": "2"}
+MAX_MESSAGE = 200
 
 _CODES = {
     400: "bad_request",
@@ -75,6 +91,23 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, details, headers)
 
 
+def bad_request_message(exc: BaseException | None, fallback: str = "bad request") -> str:
+    """One line saying what aiohttp found wrong with a request (its texts span lines and echo input)."""
+    text = exc.message if isinstance(exc, HttpProcessingError) else str(exc or "")
+    text = " ".join(str(text or fallback).split()).removeprefix("400, message: ")
+    lowered = text.lower()
+    if isinstance(exc, LineTooLong) or lowered.startswith("got more than"):
+        return "the request line or a header is too long (at most 8190 bytes each)"
+    if "invalid header value char" in lowered:
+        return "a header value contains a control character"
+    if "brotli" in lowered or "zstd" in lowered:
+        return "this Content-Encoding is not supported: send the body plain, gzip or deflate"
+    if isinstance(exc, ContentEncodingError | web.RequestPayloadError) or "content-encoding" in lowered:
+        encoding = text.rsplit(" ", 1)[-1]
+        return f"the request body is not valid {encoding} as its Content-Encoding says: send it plain or encoded"
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
@@ -86,7 +119,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"Connection": "close"},
         )
     try:
-        return await handler(request)
+        async with asyncio.timeout(REQUEST_DEADLINE_SECONDS):
+            return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except ValidationError as exc:
@@ -99,9 +133,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise  # redirects are answers, not errors
         return _from_http_exception(exc)
+    except (BadHttpMessage, web.RequestPayloadError) as exc:  # reading the body: gzip that is not gzip...
+        # The rest of the body is unreadable too: end it here (aiohttp would try to read it after the
+        # answer and log the same error with a traceback) and close the connection after the answer.
+        request.content.feed_eof()
+        resp = error_response(400, "bad_request", bad_request_message(exc))
+        resp.force_close()
+        return resp
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except TimeoutError:
+        request.app[MYSQL].failed(TimeoutError(f"a request took longer than {REQUEST_DEADLINE_SECONDS:g}s"))
+        message = f"no answer within {REQUEST_DEADLINE_SECONDS:g}s: {MYSQL_UNAVAILABLE}"
+        return error_response(503, "unavailable", message, {"dependency": "mysql"}, RETRY_AFTER)
+    except Exception as exc:
+        if db.is_unavailable(exc):
+            request.app[MYSQL].failed(exc)
+            return error_response(503, "unavailable", MYSQL_UNAVAILABLE, {"dependency": "mysql"}, RETRY_AFTER)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")
 
@@ -115,7 +163,7 @@ _DESCRIPTIONS = {
     413: f"The request body is larger than {MAX_BODY_BYTES} bytes.",
     415: "The request body is not declared `application/json`.",
     422: "A parameter or body field is invalid; `details.field` names it.",
-    503: "A dependency is unreachable.",
+    503: "MySQL does not answer (down, hanging or not connected yet): try again after `Retry-After` seconds.",
 }
 _EXAMPLES = {
     400: ("invalid_json", "the request body is not valid JSON: unexpected character: line 1 column 1 (char 0)", {}),
@@ -134,11 +182,7 @@ _EXAMPLES = {
         {"accepted": ["application/json", "application/json; charset=utf-8"], "content_type": "text/plain"},
     ),
     422: ("validation_error", "limit: must be an integer between 1 and 1000", {"field": "limit", "value": "0"}),
-    503: (
-        "not_ready",
-        "not ready: rabbitmq unreachable",
-        {"checks": {"mysql": "ok", "redis": "ok", "rabbitmq": "down"}},
-    ),
+    503: ("unavailable", MYSQL_UNAVAILABLE, {"dependency": "mysql"}),
 }
 
 

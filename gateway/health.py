@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.auth import public
 from gateway.errors import error_response, error_responses
 from gateway.httputil import json_response
-from gateway.keys import AMQP, DB_POOL, METRICS, REDIS
+from gateway.keys import AMQP, DB_POOL, METRICS, MYSQL, READINESS, REDIS
 from gateway.spec import docs
 from gateway.stats import snapshot, stats
 
@@ -25,8 +25,10 @@ CHECK_TIMEOUT_SECONDS = 2.0
 
 
 async def _mysql(app: web.Application) -> None:
+    if not app[MYSQL].ready.is_set():
+        raise ConnectionError("not connected yet")  # start-up still waits for MySQL or applies migrations
     async with app[DB_POOL].acquire() as conn:
-        await conn.ping()
+        await conn.ping(reconnect=False)
 
 
 async def _redis(app: web.Application) -> None:
@@ -50,13 +52,25 @@ CHECKS: dict[str, Callable[[web.Application], Awaitable[None]]] = {
 
 
 async def _probe(app: web.Application, name: str) -> str:
+    """``ok`` or ``down: <reason>``; a change is logged once (down, then up again), not every probe."""
     try:
         await asyncio.wait_for(CHECKS[name](app), CHECK_TIMEOUT_SECONDS)
-        return "ok"
+        result = "ok"
     except Exception as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-        log.warning("readiness: %s is down (%s)", name, reason)
-        return f"down: {reason}"
+        if isinstance(exc, TimeoutError):
+            reason = "timed out"
+        elif isinstance(exc, ConnectionError) and exc.args:
+            reason = str(exc)  # our own words: "not connected yet"
+        else:
+            reason = type(exc).__name__
+        result = f"down: {reason}"
+    last = app[READINESS].get(name, "ok")
+    app[READINESS][name] = result
+    if result != "ok" and last == "ok":
+        log.warning("readiness: %s is %s", name, result)
+    elif result == "ok" and last != "ok":
+        log.info("readiness: %s is ok again", name)
+    return result
 
 
 # What GET /stats answers, as sections to merge (the dashboard renders the same).
@@ -79,6 +93,11 @@ class AliveSchema(Schema):
 
 
 ALIVE = {"status": "ok"}
+NOT_READY_EXAMPLE = {
+    "code": "not_ready",
+    "message": "not ready: mysql unreachable",
+    "details": {"checks": {"mysql": "down: not connected yet", "redis": "ok", "rabbitmq": "ok"}},
+}
 
 
 @docs(
@@ -101,7 +120,11 @@ async def healthz(_: web.Request) -> web.Response:
             "description": "Every dependency answered.",
             "examples": {"application/json": {"status": "ready", "checks": {n: "ok" for n in CHECKS}}},
         },
-        **error_responses(503),
+        "503": {
+            **error_responses(503)["503"],
+            "description": "A dependency is unreachable; `details.checks` says which and why.",
+            "examples": {"application/json": {"error": NOT_READY_EXAMPLE}},
+        },
     },
 )
 async def readyz(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from aiohttp import web
 from common.settings import Settings
 from common.store import MessageStore
 from gateway.metrics import HttpMetrics
+from gateway.mysql import MysqlLink
 from gateway.paging import PageCache
 
 
@@ -21,6 +22,7 @@ class AmqpLink:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+MYSQL = web.AppKey("mysql", MysqlLink)
 DB_POOL = web.AppKey("db_pool", aiomysql.Pool)
 STORE = web.AppKey("store", MessageStore)
 REDIS = web.AppKey("redis", redis.Redis)
@@ -28,3 +30,4 @@ AMQP = web.AppKey("amqp", AmqpLink)
 API_TOKEN = web.AppKey("api_token", bytes)  # empty: no token required
 METRICS = web.AppKey("metrics", HttpMetrics)
 PAGES = web.AppKey("pages", PageCache)
+READINESS = web.AppKey("readiness", dict[str, str])  # the last result of each /readyz check

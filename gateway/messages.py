@@ -81,7 +81,7 @@ def _message_id(request: web.Request) -> int:
             },
             "examples": {"application/json": [EXAMPLE]},
         },
-        **error_responses(401, 403, 422),
+        **error_responses(401, 403, 422, 503),
     },
     security=SECURITY,
 )
@@ -133,7 +133,7 @@ async def list_messages(request: web.Request) -> web.Response:
                 }
             },
         },
-        **error_responses(400, 401, 403, 413, 415, 422),
+        **error_responses(400, 401, 403, 413, 415, 422, 503),
     },
 )
 @json_schema(MessageCreateSchema, required=True)
@@ -162,7 +162,7 @@ async def create_message(request: web.Request) -> web.Response:
             "description": "The message.",
             "examples": {"application/json": DETAIL_EXAMPLE},
         },
-        **error_responses(401, 403, 404, 422),
+        **error_responses(401, 403, 404, 422, 503),
     },
     security=SECURITY,
     parameters=[ID_PARAMETER],
@@ -188,7 +188,7 @@ async def get_message(request: web.Request) -> web.Response:
             "description": "The message, now pending.",
             "examples": {"application/json": {**DETAIL_EXAMPLE, "status": "pending", "attempts": 0, "sent_at": None}},
         },
-        **error_responses(401, 403, 404, 409, 422),
+        **error_responses(401, 403, 404, 409, 422, 503),
     },
     parameters=[ID_PARAMETER, FORCE_PARAMETER],
 )

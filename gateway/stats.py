@@ -6,6 +6,10 @@ Counting messages by status reads a whole index (~0.15-0.3 s at a million rows),
 (counts, queue depths, throughput, latency) is cached for :data:`CACHE_SECONDS` and refreshed by one
 request at a time, however many dashboards and scrapers ask. The switch, the leader, the last tick and
 ``sent_total`` are single-row reads, done on every request, so a start/stop shows at once.
+
+Every section (the refresh of the costly part included) is read concurrently under one deadline,
+:data:`SNAPSHOT_TIMEOUT_SECONDS`: a dependency that hangs leaves its sections out (None) and the answer
+comes within that bound, well under Prometheus's default 10 s scrape timeout.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import aio_pika
 from aiohttp import web
 from marshmallow import Schema, fields
 
-from common import topology
+from common import db, topology
 from gateway.errors import error_responses
 from gateway.httputil import ApiError, json_response
-from gateway.keys import AMQP, METRICS, STORE
+from gateway.keys import AMQP, METRICS, MYSQL, STORE
 from gateway.spec import docs
 
 log = logging.getLogger(__name__)
@@ -33,19 +37,28 @@ T = TypeVar("T")
 CACHE_SECONDS = 2.0
 THROUGHPUT_WINDOW_SECONDS = 60
 LATENCY_WINDOW = 1000  # the most recently sent messages
-SECTION_TIMEOUT_SECONDS = 5.0  # a dependency that hangs leaves its section out instead of hanging the scrape
+SNAPSHOT_TIMEOUT_SECONDS = 3.0  # all sections together; a section not read by then is left out
 UNAVAILABLE = "statistics are unavailable: MySQL does not answer"
 QUEUES = {"dispatch": topology.DISPATCH_QUEUE, "dead_letter": topology.DEAD_LETTER_QUEUE}
+RABBITMQ_SECTIONS = frozenset(f"{key} queue depth" for key in QUEUES)
 
 
-async def _section(what: str, work: Awaitable[T]) -> T | None:
-    """``work``'s result, or None (logged) when its dependency is down: a snapshot is never all or nothing."""
+async def _section(app: web.Application, what: str, work: Awaitable[T], deadline: float) -> T | None:
+    """``work``'s result, or None when its dependency is down or it is not done by ``deadline`` (loop
+    time): a snapshot is never all or nothing. A MySQL outage is logged once for all sections and
+    requests (:mod:`gateway.mysql`); anything else once per section that meets it."""
     try:
-        return await asyncio.wait_for(work, SECTION_TIMEOUT_SECONDS)
+        async with asyncio.timeout_at(deadline):
+            return await work
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.warning("stats: %s unavailable (%s: %s)", what, type(exc).__name__, exc)
+        if isinstance(exc, TimeoutError):
+            exc = TimeoutError(f"{what} not read within {SNAPSHOT_TIMEOUT_SECONDS:g}s")
+        if db.is_unavailable(exc) and what not in RABBITMQ_SECTIONS:
+            app[MYSQL].failed(exc)
+        else:
+            log.warning("stats: %s unavailable (%s: %s)", what, type(exc).__name__, exc)
         return None
 
 
@@ -73,18 +86,19 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] * 1000, 3)
 
 
-async def _costly(app: web.Application) -> dict[str, Any]:
+async def _costly(app: web.Application, deadline: float) -> dict[str, Any]:
     store = app[STORE]
-    counts, sent, latencies, depths = await asyncio.gather(
-        _section("counts by status", store.counts_by_status()),
-        _section("throughput", store.sent_since(THROUGHPUT_WINDOW_SECONDS)),
-        _section("latency", store.claim_to_sent_seconds(LATENCY_WINDOW)),
-        asyncio.gather(*(_section(f"{key} queue depth", _queue_depth(app, name)) for key, name in QUEUES.items())),
+    depths = (_section(app, f"{key} queue depth", _queue_depth(app, name), deadline) for key, name in QUEUES.items())
+    counts, sent, latencies, depths_read = await asyncio.gather(
+        _section(app, "counts by status", store.counts_by_status(), deadline),
+        _section(app, "throughput", store.sent_since(THROUGHPUT_WINDOW_SECONDS), deadline),
+        _section(app, "latency", store.claim_to_sent_seconds(LATENCY_WINDOW), deadline),
+        asyncio.gather(*depths),
     )
     ordered = sorted(latencies or [])
     return {
         "counts": counts,
-        "queues": dict(zip(QUEUES, depths, strict=True)),
+        "queues": dict(zip(QUEUES, depths_read, strict=True)),
         "throughput": None
         if sent is None
         else {"sent_last_minute": sent, "per_second": round(sent / THROUGHPUT_WINDOW_SECONDS, 3)},
@@ -96,20 +110,39 @@ async def _costly(app: web.Application) -> dict[str, Any]:
     }
 
 
+def _stale(taken_at: float) -> bool:
+    return time.monotonic() - taken_at >= CACHE_SECONDS
+
+
+async def _refresh(app: web.Application, deadline: float) -> dict[str, Any]:
+    """The costly part: the cached one when fresh, else refreshed by one request at a time (concurrent
+    requests wait for it instead of repeating it; one that cannot wait by ``deadline`` gets no sections)."""
+    state = app[METRICS].state
+    if state.cached is not None and not _stale(state.taken_at):
+        return state.cached
+    try:
+        async with asyncio.timeout_at(deadline), state.lock:
+            if state.cached is None or _stale(state.taken_at):
+                state.cached = await _costly(app, deadline)
+                state.taken_at = time.monotonic()
+            return state.cached
+    except TimeoutError:
+        return state.cached or dict.fromkeys(("counts", "queues", "throughput", "latency_ms"))
+
+
 async def snapshot(app: web.Application) -> dict[str, Any]:
     """The ``/stats`` body (the costly part from the cache when fresh); also what ``/metrics`` renders.
-    A section that could not be read is None."""
+    Every section is read concurrently within :data:`SNAPSHOT_TIMEOUT_SECONDS`; one that could not be
+    read is None."""
     state = app[METRICS].state
-    if state.cached is None or time.monotonic() - state.taken_at >= CACHE_SECONDS:
-        async with state.lock:  # concurrent requests wait for the one refresh instead of repeating it
-            if state.cached is None or time.monotonic() - state.taken_at >= CACHE_SECONDS:
-                state.cached = await _costly(app)
-                state.taken_at = time.monotonic()
     store = app[STORE]
-    dispatch, sent_total = await asyncio.gather(
-        _section("dispatch state", store.dispatch_state()), _section("sent total", store.sent_total())
+    deadline = asyncio.get_running_loop().time() + SNAPSHOT_TIMEOUT_SECONDS
+    costly, dispatch, sent_total = await asyncio.gather(
+        _refresh(app, deadline),
+        _section(app, "dispatch state", store.dispatch_state(), deadline),
+        _section(app, "sent total", store.sent_total(), deadline),
     )
-    body: dict[str, Any] = {"sent_total": sent_total, **state.cached}
+    body: dict[str, Any] = {"sent_total": sent_total, **costly}
     fields_ = ("sending", "changed_at", "leader", "last_tick_at")
     body.update({k: dispatch[k] for k in fields_} if dispatch else dict.fromkeys(fields_))
     state.latest = body

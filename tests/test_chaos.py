@@ -38,7 +38,6 @@ from consumer.cachewriter import CacheWriter
 from deploy.devsupport import Sandbox
 from tests.chaos_helpers import (
     TICK,
-    CuttingProxy,
     KnownBug,
     alive,
     assert_accounting,
@@ -69,6 +68,7 @@ from tests.chaos_helpers import (
     wait_finished,
     wait_sent,
 )
+from tests.faultproxy import CuttingProxy
 from tests.private_servers import PrivateServer
 from tests.procs import ROOT, Cluster, StandIn, free_port, wait_for
 

@@ -1,6 +1,10 @@
 """Settings: defaults of the spec, one clear line naming a bad variable, secrets never shown."""
 
+import dataclasses
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,42 @@ def test_webhook_url_is_shown_up_to_the_first_characters_of_its_path(url: str, s
     assert mask_webhook_url(url) == shown
     settings = Settings.from_env({"WEBHOOK_URL": url}, dotenv=None)
     assert settings.webhook_url.reveal() == url and url not in repr(settings)
+
+
+NUMERIC = [f.name.upper() for f in dataclasses.fields(Settings) if f.type in ("int", "float") or f.type in (int, float)]
+
+
+def test_every_numeric_setting_is_covered() -> None:
+    assert {"CLAIM_LEASE_SECONDS", "SEND_INTERVAL_SECONDS", "CACHE_TTL_SECONDS", "SEND_BATCH_SIZE"} <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "nan", "1e400", "1e30", "10**9"])
+def test_infinite_nan_and_huge_numbers_are_refused(name: str, value: str) -> None:
+    """``inf`` passed a lower bound, then the producer died with an OverflowError: every numeric setting has
+    an upper bound and refuses non-finite values, with one line naming the variable."""
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: value}, dotenv=None)
+    text = str(err.value)
+    assert text.startswith(f"{name}={value!r} is invalid: must be") and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CLAIM_LEASE_SECONDS", "604800"), ("SEND_INTERVAL_SECONDS", "86400"), ("CACHE_TTL_SECONDS", "315360000")],
+)
+def test_the_upper_bounds_themselves_are_accepted(name: str, value: str) -> None:
+    s = Settings.from_env({name: value}, dotenv=None)
+    assert getattr(s, name.lower()) == float(value)
+
+
+@pytest.mark.parametrize("service", ["producer", "consumer", "gateway"])
+def test_a_service_started_with_an_infinite_setting_stops_with_one_line(service: str) -> None:
+    env = {**os.environ, "CLAIM_LEASE_SECONDS": "inf", "SEND_INTERVAL_SECONDS": "5"}
+    proc = subprocess.run(
+        [sys.executable, "-m", service], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"{service}: CLAIM_LEASE_SECONDS='inf' is invalid: must be a finite number > 0 and <= 604800"
+    ]
