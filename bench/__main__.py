@@ -22,6 +22,7 @@ from typing import Any
 from bench import loaddata
 from bench.api import pick_client, run_api
 from bench.config import Config, ConfigError
+from bench.growth import run_growth
 from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
 from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
@@ -129,6 +130,11 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
             except Exception as exc:
                 r["errors"]["api"] = _error(exc)
+        if cfg.runs("growth"):
+            try:
+                r["growth"] = await run_growth(pool, list(cfg.growth), say)
+            except Exception as exc:
+                r["errors"]["growth"] = _error(exc)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
         r["errors"]["setup"] = _error(exc)
     finally:
@@ -183,6 +189,8 @@ def main() -> int:
     print(f"run time: {r['seconds']:.0f} s\n")
     print(table(r, s))
     extra = {"machine": m, "versions": versions, "loadavg_start": round(r["loadavg_start"], 2), "run": r["run"]}
+    if r.get("growth"):
+        extra["growth"] = r["growth"]
     line = json.dumps({**s, **extra}, separators=(",", ":"))
     _keep(r["run"], line)
     print(line)

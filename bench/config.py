@@ -16,6 +16,8 @@ BENCH_CLIENTS       10         concurrent clients of the API phase (deep offset:
 BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 2)
 BENCH_CLIENT        auto       API load client: ``wrk`` (when installed), ``python``, or ``auto``
 BENCH_SKIP          (none)     comma-separated phases to skip: ``limit``, ``pipeline``, ``api``
+BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
+BENCH_GROWTH_ROWS   1000000,10000000  the table sizes of the growth phase (each >= 300000)
 ==================  =========  ===============================================================
 """
 
@@ -80,6 +82,7 @@ class Config:
     warmup: float = 2.0
     client: str = "auto"
     skip: frozenset[str] = field(default_factory=frozenset)
+    growth: tuple[int, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -107,9 +110,12 @@ class Config:
             warmup=_float(env, "BENCH_WARMUP", "2", 0),
             client=client,
             skip=skip,
+            growth=_growth(env),
         )
 
     def runs(self, phase: str) -> bool:
+        if phase == "growth":
+            return bool(self.growth)
         return phase not in self.skip
 
     def describe(self) -> dict[str, object]:
@@ -125,3 +131,16 @@ class Config:
             "duration": self.duration,
             "skip": sorted(self.skip),
         }
+
+
+def _growth(env: Mapping[str, str]) -> tuple[int, ...]:
+    if _get(env, "BENCH_GROWTH", "0") not in ("1", "true", "yes"):
+        return ()
+    raw = _get(env, "BENCH_GROWTH_ROWS", "1000000,10000000")
+    try:
+        sizes = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"BENCH_GROWTH_ROWS={raw!r} must be comma-separated whole numbers") from None
+    if any(n < 300_000 for n in sizes):
+        raise ConfigError(f"BENCH_GROWTH_ROWS={raw!r}: each size must be >= 300000 (200,000 of them are pending)")
+    return tuple(sorted(sizes))

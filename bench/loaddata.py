@@ -87,6 +87,18 @@ async def load_sent(pool: aiomysql.Pool, count: int) -> None:
     )
 
 
+async def append_pending(pool: aiomysql.Pool, count: int) -> None:
+    """``count`` more pending messages, newer than everything there (the insert trigger counts them)."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        for offset in range(0, count, CHUNK):
+            await cur.execute(
+                "INSERT INTO messages (recipient, content, created_at)"
+                f" SELECT CONCAT('+90556', LPAD(s.n + {offset}, 7, '0')), CONCAT('pending ', s.n + {offset}),"
+                f" b.t + INTERVAL (s.n + {offset}) MICROSECOND"
+                f" FROM (SELECT UTC_TIMESTAMP(6) AS t) AS b, {sequence(min(CHUNK, count - offset))}"
+            )
+
+
 async def counts(pool: aiomysql.Pool) -> dict[str, int]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")

@@ -91,6 +91,9 @@ def thr_of(pipe: dict[str, Any]) -> float:
     return float(pipe.get("throughput_msgs_per_s") or 0.0)
 
 
+GROWTH_OPERATIONS = ("stats", "first page", "deep page", "claim 2", "retention batch")
+
+
 def table(r: dict[str, Any], s: dict[str, Any]) -> str:
     rows: list[Row] = [("phase", "metric", "value", "bar", "verdict")]
     pipe, api, limit = r.get("pipeline"), r.get("api"), r.get("limit")
@@ -139,6 +142,7 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
         ok = None if name == "standin" or idle.get(name) is None else idle[name] < BAR_IDLE_RSS_MB
         rows.append(("memory", f"{name} RSS idle / load", f"{_n(idle.get(name), 1)} / {_n(load.get(name), 1)} MB",
                      bar, _verdict(ok)))  # fmt: skip
+    rows += growth_rows(r.get("growth") or {})
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -161,3 +165,20 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
     for phase, error in r.get("errors", {}).items():
         lines.append(f"ERROR in {phase}: {error}")
     return "\n".join(lines)
+
+
+def growth_rows(growth: dict[str, Any]) -> list[Row]:
+    """Table rows: each operation's p99 at every size, the ratio of the largest to the smallest, the bar."""
+    sizes = sorted(growth, key=int)
+    if not sizes:
+        return []
+    small, large = sizes[0], sizes[-1]
+    rows = []
+    for op in GROWTH_OPERATIONS:
+        values = " / ".join(f"{growth[n][op]['p99_ms']:.2f}" for n in sizes)
+        ratio = growth[large][op]["p99_ms"] / max(growth[small][op]["p99_ms"], 0.001)
+        ok = ratio <= 1.5 and (op != "stats" or growth[large][op]["p99_ms"] < 20)
+        bar = "<= 1.5x" + (", < 20 ms" if op == "stats" else "")
+        label = f"{op} p99 ms at {' / '.join(f'{int(n) / 1e6:g}M' for n in sizes)} rows"
+        rows.append(("growth", label, f"{values} ({ratio:.2f}x)", bar, "ok" if ok else "FAIL"))
+    return rows
