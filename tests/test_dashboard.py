@@ -72,7 +72,7 @@ async def test_timeline_counts_each_minute_oldest_first_with_zeros(
         for message_id in sent_ids:
             when = base - dt.timedelta(minutes=minutes_ago, seconds=-7)
             await sql(settings, "UPDATE messages SET sent_at = %s WHERE id = %s", (when, message_id))
-    await sql(settings, "UPDATE messages SET updated_at = %s WHERE id = %s", (base - dt.timedelta(minutes=12), failed))
+    await sql(settings, "UPDATE messages SET failed_at = %s WHERE id = %s", (base - dt.timedelta(minutes=12), failed))
 
     resp = await client.get("/stats/timeline")
     assert resp.status == 200

@@ -112,8 +112,6 @@ async def test_a_row_inserted_by_hand_in_another_time_zone_gets_its_utc_time(
     assert [r[0] for r in rows] == ["from +05:00", "from UTC"], "oldest first"
     assert all(abs(int(r[1])) < 60 and abs(int(r[2])) < 60 for r in rows), rows
 
-    assert rows == [(n,) for n, _, _ in MIGRATIONS] and rows[-1] == (LATEST,)
-
 
 async def test_a_hand_inserted_row_is_valid_and_pending(pool: aiomysql.Pool, settings: Settings) -> None:
     await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'Insider - Project')")
@@ -160,7 +158,7 @@ async def test_upgrading_mends_a_recipient_the_old_check_let_in(settings: Settin
         await sql(settings, "INSERT INTO messages (recipient, content) VALUES (%s, 'hi'), ('+905552222222', 'ok')",
                   ("+905551111111\n",))  # fmt: skip
         before = await sql(settings, "SELECT id, updated_at FROM messages ORDER BY id")
-        assert await migrate(pool) == [2]
+        assert await migrate(pool) == [n for n, _, _ in MIGRATIONS[1:]]
     finally:
         pool.close()
         await pool.wait_closed()
