@@ -53,6 +53,8 @@ class Batcher(Generic[T, R]):
         self._maybe_start()
         try:
             results = await self._flush([item for item, _ in batch])
+            if len(results) != len(batch):  # every caller gets an answer, never a future left waiting
+                raise RuntimeError(f"a flush of {len(batch)} items returned {len(results)} results")
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():

@@ -243,11 +243,18 @@ async def pool_ctx(
         await pool.wait_closed()
 
 
+# The read timeout of the producer's and the consumer's connections: longer than InnoDB's default lock wait
+# (50 s), so a slow lock wait ends with its own error, while a half-open connection is given up.
+SERVICE_READ_TIMEOUT_SECONDS = 60.0
+
 # MySQL error numbers after which the same work is simply tried again: too many connections, the server
 # shutting down or gone away, a lost or killed connection, a lock wait timeout or a deadlock, an
-# unresolvable host (while a container's DNS comes up). Anything else (unknown column, access denied, a
-# value out of range, a constraint) is a bug or a configuration error: retrying cannot fix it.
-TRANSIENT_CODES = frozenset({1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031})
+# unresolvable host (while a container's DNS comes up), a server read-only during a failover (1290, 1836),
+# a table definition changed under a transaction by a migration (1412). Anything else (unknown column,
+# access denied, a value out of range, a constraint) is a bug or a configuration error: retrying cannot fix it.
+TRANSIENT_CODES = frozenset(
+    {1040, 1053, 1205, 1213, 1290, 1317, 1412, 1836, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031}
+)
 
 
 def is_transient(exc: BaseException) -> bool:

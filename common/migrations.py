@@ -51,6 +51,13 @@ async def _recipient_check_over_the_whole_string(cur: aiomysql.Cursor) -> None:
         await cur.execute(f"ALTER TABLE messages DROP CONSTRAINT {OLD_RECIPIENT_CHECK}")
 
 
+async def _count_rows(cur: aiomysql.Cursor) -> None:
+    """Set the counts by status from a full count of the table (:func:`common.store.count_rows`)."""
+    from common.store import count_rows
+
+    await count_rows(cur)
+
+
 MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
@@ -157,7 +164,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         "the producers' leader lease (renewed by a live leader, taken over when it lapses, fenced by an epoch)",
         [
             """
-            CREATE TABLE IF NOT EXISTS producer_lease (
+            CREATE TABLE producer_lease (
                 id TINYINT UNSIGNED NOT NULL,
                 epoch BIGINT UNSIGNED NOT NULL DEFAULT 0,
                 holder VARCHAR(255) NULL,
@@ -179,24 +186,19 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         [
             # A few rows per status (summed on read), so concurrent transactions rarely wait on the same one.
             """
-            CREATE TABLE IF NOT EXISTS message_counts (
+            CREATE TABLE message_counts (
                 status VARCHAR(16) NOT NULL,
                 shard TINYINT UNSIGNED NOT NULL,
                 n BIGINT NOT NULL DEFAULT 0,
                 PRIMARY KEY (status, shard)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
             """,
-            "INSERT IGNORE INTO message_counts (status, shard, n) SELECT s.status, h.shard, 0 FROM"
-            " (SELECT 'pending' AS status UNION ALL SELECT 'queued' UNION ALL SELECT 'sending'"
-            " UNION ALL SELECT 'sent' UNION ALL SELECT 'failed') AS s,"
-            " (SELECT 0 AS shard UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4"
-            " UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7) AS h",
             # Rows inserted by anyone (the API, a script, a person at a mysql prompt) are counted by the database.
             "CREATE TRIGGER messages_counted AFTER INSERT ON messages FOR EACH ROW"
             " UPDATE message_counts SET n = n + 1 WHERE status = NEW.status AND shard = NEW.id % 8",
-            # The existing rows, once (shard 0 holds them).
-            "UPDATE message_counts AS c JOIN (SELECT status, COUNT(*) AS n FROM messages GROUP BY status) AS m"
-            " ON m.status = c.status SET c.n = m.n WHERE c.shard = 0",
+            # Its rows (eight per status) and the existing rows, counted exactly (also when this migration runs
+            # again after a crash, or while rows are inserted meanwhile): every shard set from one full count.
+            _count_rows,
             # When a row failed: the failed-per-minute timeline and retention read a range of it.
             "ALTER TABLE messages ADD COLUMN failed_at DATETIME(6) NULL",
             "ALTER TABLE messages ADD INDEX ix_messages_failed_at (failed_at)",

@@ -36,7 +36,9 @@ def outcome_unknown(what: str, resent: bool) -> str:
 
 
 def is_outcome_unknown(last_error: str | None) -> bool:
-    return bool(last_error) and str(last_error).startswith(OUTCOME_UNKNOWN)
+    """Whether a message may have reached the service although it ended ``failed`` (also when the unknown
+    outcome was the last of several attempts: "gave up after N attempts; last: outcome unknown: ...")."""
+    return bool(last_error) and OUTCOME_UNKNOWN in str(last_error)
 
 
 def validate_recipient(value: object) -> str:

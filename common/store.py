@@ -113,6 +113,42 @@ class Swept:
     error: str
 
 
+STATUSES = ("pending", "queued", "sending", "sent", "failed")
+
+
+async def count_rows(cur: aiomysql.Cursor) -> dict[str, int]:
+    """Set ``message_counts`` to a full count of the table, in one transaction: every shard of every status
+    to 0 and the totals into shard 0. Every transition updates the counts in its own transaction, so holding
+    all their rows first (after the sent counter, in the group commit's lock order) makes those wait: the
+    count read next is exact however busy the pipeline is. Also the migration's first count."""
+    await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    await cur.execute("START TRANSACTION")
+    await cur.execute(
+        "INSERT INTO message_counts (status, shard, n) VALUES "
+        + ", ".join(["(%s, %s, 0)"] * (len(STATUSES) * COUNT_SHARDS))
+        + " ON DUPLICATE KEY UPDATE n = n",
+        [v for st in STATUSES for shard in range(COUNT_SHARDS) for v in (st, shard)],
+    )
+    await cur.execute("SELECT value FROM counters WHERE name = 'sent' FOR UPDATE")
+    await cur.fetchall()
+    await cur.execute("SELECT status FROM message_counts FOR UPDATE")
+    await cur.fetchall()
+    await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
+    counts = dict.fromkeys(STATUSES, 0) | {str(st): int(n) for st, n in await cur.fetchall()}
+    await cur.execute("UPDATE message_counts SET n = 0")
+    table, values = _values_table(list(counts.items()), ("st", "n"))
+    await cur.execute(
+        f"UPDATE message_counts AS c JOIN ({table}) AS v ON v.st = c.status SET c.n = v.n WHERE c.shard = 0",
+        values,
+    )
+    await cur.execute(
+        "UPDATE counters SET value = GREATEST(value, (SELECT COALESCE(MAX(sent_seq), 0) FROM messages))"
+        " WHERE name = 'sent'"
+    )
+    await cur.execute("COMMIT")
+    return counts
+
+
 async def _rollback(conn: aiomysql.Connection) -> None:
     with contextlib.suppress(Exception):  # a dead connection cannot roll back: the server does
         await conn.rollback()
@@ -514,36 +550,10 @@ class MessageStore(MessageQueries):
 
     async def recount(self) -> dict[str, int]:
         """Rebuild ``message_counts`` from the table (after rows were changed by hand; ``message-sender
-        recount``). Every transition updates the counts in its own transaction: holding all their rows first
-        makes those wait, so the count read next is exact however busy the pipeline is."""
-        statuses = ("pending", "queued", "sending", "sent", "failed")
+        recount``); exact however busy the pipeline is (see :func:`count_rows`)."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            await conn.begin()
             try:
-                await cur.execute(
-                    "INSERT INTO message_counts (status, shard, n) VALUES "
-                    + ", ".join(["(%s, %s, 0)"] * (len(statuses) * COUNT_SHARDS))
-                    + " ON DUPLICATE KEY UPDATE n = n",
-                    [v for st in statuses for shard in range(COUNT_SHARDS) for v in (st, shard)],
-                )
-                await cur.execute("SELECT status FROM message_counts FOR UPDATE")
-                await cur.fetchall()
-                await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
-                counts = dict.fromkeys(statuses, 0) | {str(st): int(n) for st, n in await cur.fetchall()}
-                await cur.execute("UPDATE message_counts SET n = 0")
-                table, values = _values_table(list(counts.items()), ("st", "n"))
-                await cur.execute(
-                    f"UPDATE message_counts AS c JOIN ({table}) AS v ON v.st = c.status"
-                    " SET c.n = v.n WHERE c.shard = 0",
-                    values,
-                )
-                await cur.execute(
-                    "UPDATE counters SET value = GREATEST(value, (SELECT COALESCE(MAX(sent_seq), 0) FROM messages))"
-                    " WHERE name = 'sent'"
-                )
-                await conn.commit()
-                return counts
+                return await count_rows(cur)
             except BaseException:
                 await _rollback(conn)
                 raise

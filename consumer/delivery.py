@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from common.batching import Batcher
 from common.db import error_text, is_transient
-from common.models import Delivery, Outcome
+from common.models import Delivery, Outcome, is_outcome_unknown, outcome_unknown
 from common.settings import Settings
 from common.store import MessageStore, Recorded
 from consumer import metrics
@@ -172,6 +172,8 @@ class Deliveries:
                 if is_transient(exc):
                     raise
                 reason = f"its outcome ({outcome.kind}) could not be recorded: {error_text(exc)}"
+                if outcome.kind == "sent" or is_outcome_unknown(outcome.error):  # it may have reached the service
+                    reason = outcome_unknown(reason, resent=False)
                 unrecorded.add(outcome.id)
                 marked = await self.store.record_unrecordable(outcome, reason)
                 log.error(

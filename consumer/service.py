@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common import topology
 from common.cache import MessageCache
-from common.db import pool_ctx
+from common.db import SERVICE_READ_TIMEOUT_SECONDS, pool_ctx
 from common.metrics import start_listener
 from common.migrations import migrate
 from common.models import Delivery, Outcome
@@ -74,7 +74,9 @@ class Consumer:
             listener = await start_listener(s.consumer_metrics_port, self.health)
             if listener:
                 stack.push_async_callback(listener.cleanup)
-            pool: aiomysql.Pool = await stack.enter_async_context(pool_ctx(s, maxsize=8))
+            pool: aiomysql.Pool = await stack.enter_async_context(
+                pool_ctx(s, maxsize=8, read_timeout=SERVICE_READ_TIMEOUT_SECONDS)
+            )
             await migrate(pool)
             client = redis.from_url(s.redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5)
             stack.push_async_callback(client.aclose)

@@ -29,7 +29,7 @@ import orjson
 import pymysql
 
 from common import topology
-from common.db import error_text, is_transient, pool_ctx
+from common.db import SERVICE_READ_TIMEOUT_SECONDS, error_text, is_transient, pool_ctx
 from common.errors import LeaseLost
 from common.metrics import start_listener
 from common.migrations import migrate
@@ -84,7 +84,9 @@ class Producer:
             listener = await start_listener(s.producer_metrics_port, self.health)
             if listener:
                 stack.push_async_callback(listener.cleanup)
-            pool: aiomysql.Pool = await stack.enter_async_context(pool_ctx(s, maxsize=4))
+            pool: aiomysql.Pool = await stack.enter_async_context(
+                pool_ctx(s, maxsize=4, read_timeout=SERVICE_READ_TIMEOUT_SECONDS)
+            )
             await migrate(pool)
             self.store = MessageStore(pool)
             conn = await topology.connect(s.amqp_url.reveal(), name="message-sender producer")
@@ -136,8 +138,8 @@ class Producer:
                 now = loop.time()
                 if due < now:  # the tick overran: skip the missed slots instead of catching up
                     due = now + interval - (now - due) % interval
-            elif self.leading:
-                await self._bounded(self.maintain(TickReport(leader=True)), "sweep")
+            elif (fence := self.fence) is not None:
+                await self._bounded(self.maintain(TickReport(leader=True), fence), "sweep")
             wait = min(due, loop.time() + MAINTENANCE_SECONDS) - loop.time()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(0.0, wait))
@@ -165,12 +167,12 @@ class Producer:
             if fence is not None and not await self.store.record_tick(fence, self.settings.send_interval_seconds):
                 log.info("tick: leader, waiting out the previous leader's interval")
                 return report
-            if report.leader:
+            if fence is not None:
                 report.sending = await self.store.is_sending()
                 metrics.SENDING.set(1 if report.sending else 0)
                 if report.sending:
-                    await self._dispatch(report)
-                await self.maintain(report)
+                    await self._dispatch(report, fence)
+                await self.maintain(report, fence)
         except LeaseLost as exc:
             self._lost(exc)
             return report
@@ -248,8 +250,8 @@ class Producer:
             metrics.SKIPPED.labels("error").inc()
             log.error("%s failed unexpectedly; next tick in %gs", what, interval, exc_info=exc)
 
-    async def _dispatch(self, report: TickReport) -> None:
-        ids = await self.store.claim(self.settings.send_batch_size, self.fence, budget=True)
+    async def _dispatch(self, report: TickReport, fence: Fence) -> None:
+        ids = await self.store.claim(self.settings.send_batch_size, fence, budget=True)
         report.claimed = len(ids)
         metrics.CLAIMED.inc(len(ids))
         if ids:
@@ -267,13 +269,13 @@ class Producer:
             metrics.RELEASED.inc(released)
         return len(ids) - len(failed), released
 
-    async def maintain(self, report: TickReport) -> None:
+    async def maintain(self, report: TickReport, fence: Fence) -> None:
         """The leader's sweeps: settle ``sending`` rows whose lease ran out; re-publish lost claims (at most
         every quarter lease, <= 10 s: looking scans the queued rows)."""
         s = self.settings
         swept: list[Swept] = []
         if time.monotonic() - self.db_back_at >= SWEEP_GRACE_SECONDS:
-            swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, self.fence)
+            swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, fence)
         report.swept = len(swept)
         if swept:
             metrics.SWEPT.inc(len(swept))
@@ -291,7 +293,7 @@ class Producer:
         now = asyncio.get_running_loop().time()
         if s.retention_days and now >= self.next_retention:
             self.next_retention = now + RETENTION_EVERY_SECONDS
-            await self.retain()
+            await self.retain(fence)
         if now < self.next_stale_check or report.sending is False:
             return
         self.next_stale_check = now + max(s.send_interval_seconds, min(s.claim_lease_seconds / 4, 10.0))
@@ -299,7 +301,7 @@ class Producer:
             return
         queue_empty = await self.topology.dispatch_ready() == 0
         # At most one batch: re-published claims go out at the same rate as new ones.
-        stale = await self.store.reclaim_stale(s.claim_lease_seconds, s.send_batch_size, queue_empty, self.fence)
+        stale = await self.store.reclaim_stale(s.claim_lease_seconds, s.send_batch_size, queue_empty, fence)
         if stale:
             log.warning(
                 "re-publishing %d claims whose AMQP message may be lost (older than %gs): %s",
@@ -311,14 +313,14 @@ class Producer:
             report.republished, _ = await self._publish(stale, fresh=False)
             metrics.REPUBLISHED.inc(report.republished)
 
-    async def retain(self) -> None:
+    async def retain(self, fence: Fence) -> None:
         """Remove ``sent`` and ``failed`` rows older than ``RETENTION_DAYS`` in small batches (short locks, no
         long transaction), within a time budget; one log line and the metric say how many went."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETENTION_BUDGET_SECONDS
         sent = failed = 0
         while loop.time() < deadline:
-            a, b = await self.store.remove_expired(self.settings.retention_days, RETENTION_BATCH, self.fence)
+            a, b = await self.store.remove_expired(self.settings.retention_days, RETENTION_BATCH, fence)
             sent, failed = sent + a, failed + b
             metrics.RETENTION.labels("sent").inc(a)
             metrics.RETENTION.labels("failed").inc(b)

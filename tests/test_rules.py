@@ -34,6 +34,7 @@ def test_outcome_unknown_says_what_happened_and_what_follows() -> None:
     )
     assert is_outcome_unknown(outcome_unknown("x", resent=True))
     assert not is_outcome_unknown("HTTP 400: bad number") and not is_outcome_unknown(None)
+    assert is_outcome_unknown("gave up after 5 attempts; last: outcome unknown: timeout after the request was written")
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:

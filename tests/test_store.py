@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from common.db import create_pool
-from common.errors import ConflictError
+from common.errors import ConflictError, LeaseLost
+from common.migrations import migrate
 from common.models import Outcome, utcnow
 from common.settings import Settings
 from common.store import MessageStore
@@ -306,4 +307,33 @@ async def test_retention_removes_exactly_the_expired_rows_and_keeps_pages_right(
     ) == [(0,)]
     page = await store.sent_page(2, offset=1)
     assert page.total == 3 and orjson.loads(page.json) == before, "offsets from the newest do not move"
+    await _counts_match(store, settings)
+
+
+async def test_a_stale_fence_claims_nothing(store: MessageStore) -> None:
+    """A leader that lost its lease (another producer took it over with a new epoch) cannot claim, sweep or
+    remove anything with its old fence."""
+    await seed(store, 2)
+    mine = await store.lead("producer-a", lease_seconds=0.2)
+    assert mine is not None
+    await asyncio.sleep(0.3)  # the lease lapses
+    theirs = await store.lead("producer-b", lease_seconds=60)
+    assert theirs is not None and theirs.epoch > mine.epoch
+    for attempt in (
+        store.claim(2, mine, budget=True),
+        store.sweep_sending(5, 10, mine),
+        store.reclaim_stale(1, 10, True, mine),
+        store.remove_expired(1, 10, mine),
+    ):
+        with pytest.raises(LeaseLost):
+            await attempt
+    assert len(await store.claim(2, theirs, budget=True)) == 2
+
+
+async def test_migration_5_counts_exactly_even_when_it_runs_again(settings: Settings, store: MessageStore) -> None:
+    """Killed after its trigger but before it was recorded, migration 5 runs again: rows inserted meanwhile
+    (counted by the trigger) must not be counted twice."""
+    await seed(store, 3)
+    await sql(settings, "DELETE FROM schema_migrations WHERE version = 5")
+    await migrate(store.pool)
     await _counts_match(store, settings)
