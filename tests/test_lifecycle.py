@@ -4,13 +4,19 @@ can fail."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import pytest
+
+from common import topology
 from common.settings import Settings
 from common.store import MessageStore
 from consumer.service import Consumer
+from consumer.webhook import _peer_closed
 from producer.service import Producer
 from tests.conftest import sql
+from tests.private_servers import PrivateServer
 from tests.procs import Cluster, StandIn, free_port, wait_for
 
 
@@ -91,3 +97,45 @@ async def _logged(svc: object, text: str) -> bool:
 
 async def _statuses_are(settings: Settings, expected: dict[int, str]) -> bool:
     return await _statuses(settings) == expected
+
+
+@pytest.mark.private("rabbitmq")
+async def test_a_publish_to_a_blocked_broker_gives_up_in_bounded_time(
+    settings: Settings, private_rabbitmq: PrivateServer
+) -> None:
+    """A broker under a memory alarm blocks publishers instead of refusing them: every publish has a timeout,
+    so the producer's tick (and its claims, put back to pending) never waits for it forever."""
+    ctl = private_rabbitmq.ctl  # type: ignore[attr-defined]
+    conn = await topology.connect(settings.amqp_url.reveal())
+    async with conn:
+        topo = await topology.open_channel(conn)
+        await asyncio.to_thread(ctl.run, "set_vm_memory_high_watermark", "0.0000001")
+        try:
+            started = time.monotonic()
+            assert sorted(await topo.publish_ids([1, 2, 3])) == [1, 2, 3], "not confirmed: all handed back"
+            assert time.monotonic() - started < topology.PUBLISH_TIMEOUT_SECONDS + 5
+        finally:
+            await asyncio.to_thread(ctl.run, "set_vm_memory_high_watermark", "0.4")
+
+
+async def test_a_pooled_connection_the_server_closed_is_seen_before_writing() -> None:
+    """What lets a request on a reused keep-alive connection count as "not sent" rather than unknown: the
+    connector looks at an idle connection before using it, and one the server closed is not reused."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        _, client = await asyncio.open_connection("127.0.0.1", port)
+        await wait_for(lambda: _value(accepted), 5, "the server to accept")
+        assert not _peer_closed(client.transport), "an idle connection the server keeps is reused"
+        accepted[0].close()  # the server ends the idle connection
+        await wait_for(lambda: _value(_peer_closed(client.transport)), 5, "the close to be seen")
+        client.close()
+
+
+async def _value(v: object) -> object:
+    return v
