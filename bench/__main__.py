@@ -116,6 +116,12 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["rss_load"].update(pipe["rss_load"])
             except Exception as exc:
                 r["errors"]["pipeline"] = _error(exc)
+            if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
+                try:
+                    r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                    say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
+                except Exception as exc:
+                    r["errors"]["limit"] = _error(exc)
         if cfg.runs("api") and base_url is not None:
             try:
                 gateway = services["gateway"]

@@ -43,11 +43,15 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     services = set(r.get("rss_idle", {})) - {"standin"}
     idle = [v for k, v in r.get("rss_idle", {}).items() if k in services and v is not None]
     load = [v for k, v in r.get("rss_load", {}).items() if k in services and v is not None]
-    rate, thr = limit.get("rate"), pipe.get("throughput_msgs_per_s")
+    before, after = limit.get("rate"), (r.get("limit_after") or {}).get("rate")
+    rate = (before + after) / 2 if before and after else before  # a noisy sample moves the mean less
+    thr = pipe.get("throughput_msgs_per_s")
     page = {k: api.get(k) or {} for k in ("first", "deep_cursor", "deep_offset")}
     return {
         "throughput_msgs_per_s": _round(thr),
         "http_limit_per_s": _round(rate),
+        "http_limit_before": _round(before),
+        "http_limit_after": _round(after),
         "ratio": _round(thr / rate if thr is not None and rate else None, 3),
         "messages": pipe.get("messages"),
         "sent": pipe.get("sent"),
@@ -99,13 +103,15 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
     pipe, api, limit = r.get("pipeline"), r.get("api"), r.get("limit")
     void = bool(s["void"])
     if limit:
-        rows.append(("limit", "raw HTTP POST, aiohttp -> stand-in", f"{_n(limit['rate'])}/s", "", ""))
+        after = (r.get("limit_after") or {}).get("rate")
+        shown = f"{_n(limit['rate'])}/s" + (f" before, {_n(after)}/s after the drain" if after else "")
+        rows.append(("limit", "raw HTTP POST, aiohttp -> stand-in", shown, "", ""))
     if pipe:
         thr, ratio = s["throughput_msgs_per_s"], s["ratio"]
         rows += [
             ("pipeline", "throughput, first claim -> last sent", f"{_n(thr)} msg/s", f">= {BAR_THROUGHPUT:,.0f}",
              _verdict(thr >= BAR_THROUGHPUT, void)),
-            ("pipeline", "ratio to raw HTTP POST", _n(ratio, 3), f">= {BAR_RATIO}",
+            ("pipeline", "ratio to raw HTTP POST (mean of before and after)", _n(ratio, 3), f">= {BAR_RATIO}",
              _verdict(None if ratio is None else ratio >= BAR_RATIO, void)),
             ("pipeline", "claimed = sent + failed + missing",
              f"{pipe['claimed']:,} = {pipe['sent']:,} + {pipe['failed']:,} + {pipe['missing']:,}",
