@@ -27,6 +27,7 @@ from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
 from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
 from bench.report import summary, table
+from bench.steady import run_steady, run_step_search
 from common.db import create_pool
 from common.errors import SettingsError
 from common.migrations import migrate
@@ -122,6 +123,14 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                     say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
                 except Exception as exc:
                     r["errors"]["limit"] = _error(exc)
+        if cfg.runs("steady"):
+            try:
+                say(f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s ...")
+                r["steady"] = await run_steady(cfg, pool, procs, env)
+                say(f"steady state: due -> sent p99 {r['steady']['due_p99_ms']} ms; step search ...")
+                r["steady"].update(await run_step_search(cfg, pool, procs, env))
+            except Exception as exc:
+                r["errors"]["steady"] = _error(exc)
         if cfg.runs("api") and base_url is not None:
             try:
                 gateway = services["gateway"]

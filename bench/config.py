@@ -16,6 +16,8 @@ BENCH_CLIENTS       10         concurrent clients of the API phase (deep offset:
 BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 2)
 BENCH_CLIENT        auto       API load client: ``wrk`` (when installed), ``python``, or ``auto``
 BENCH_SKIP          (none)     comma-separated phases to skip: ``limit``, ``pipeline``, ``api``
+BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady``: 30 s after a 5 s warm-up)
+BENCH_STEADY_SECONDS 30        its measured window; then a step search (+500 msg/s, ``BENCH_STEPS`` steps of 8 s)
 BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
 BENCH_GROWTH_ROWS   1000000,10000000  the table sizes of the growth phase (each >= 300000)
 ==================  =========  ===============================================================
@@ -27,9 +29,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-PHASES = ("limit", "pipeline", "api")
+PHASES = ("limit", "pipeline", "steady", "api")
 
-# Spec section 8.
+# Spec section 8 (and the steady-state bars of the performance issue).
+BAR_STEADY_CLAIM_P99_MS = 100.0
+BAR_STEADY_DUE_P99_MS = 50.0 + 150.0  # the interval of the phase (0.05 s) + 150 ms
 BAR_THROUGHPUT = 2000.0
 BAR_RATIO = 0.25
 BAR_LIST_RPS = 2000.0
@@ -83,6 +87,11 @@ class Config:
     client: str = "auto"
     skip: frozenset[str] = field(default_factory=frozenset)
     growth: tuple[int, ...] = ()
+    rate: float = 1000.0
+    steady_seconds: float = 30.0
+    warmup_steady: float = 5.0
+    step_seconds: float = 8.0
+    steps: int = 3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -111,6 +120,9 @@ class Config:
             client=client,
             skip=skip,
             growth=_growth(env),
+            rate=_float(env, "BENCH_RATE", "1000", 1),
+            steady_seconds=_float(env, "BENCH_STEADY_SECONDS", "30", 1),
+            steps=_int(env, "BENCH_STEPS", "3", 0),
         )
 
     def runs(self, phase: str) -> bool:

@@ -11,6 +11,8 @@ from bench.config import (
     BAR_LIST_RPS,
     BAR_OFFSET_P99_MS,
     BAR_RATIO,
+    BAR_STEADY_CLAIM_P99_MS,
+    BAR_STEADY_DUE_P99_MS,
     BAR_THROUGHPUT,
 )
 
@@ -40,6 +42,7 @@ def _verdict(ok: bool | None, void: bool = False) -> str:
 def summary(r: dict[str, Any]) -> dict[str, Any]:
     """The JSON line: the keys of the issue first, then the context."""
     pipe, api, limit = r.get("pipeline") or {}, r.get("api") or {}, r.get("limit") or {}
+    steady = r.get("steady") or {}
     services = set(r.get("rss_idle", {})) - {"standin"}
     idle = [v for k, v in r.get("rss_idle", {}).items() if k in services and v is not None]
     load = [v for k, v in r.get("rss_load", {}).items() if k in services and v is not None]
@@ -80,6 +83,10 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         "rss_idle_mb": {k: _round(v, 1) for k, v in r.get("rss_idle", {}).items()},
         "rss_load_mb": {k: _round(v, 1) for k, v in r.get("rss_load", {}).items()},
         "cpu_percent": {k: _round(v) for k, v in pipe.get("cpu_percent", {}).items()},
+        "latency_steady_p99_ms": _round(steady.get("claim_p99_ms"), 1),
+        "latency_due_p99_ms": _round(steady.get("due_p99_ms"), 1),
+        "steady_rate": _round(steady.get("rate_achieved")),
+        "max_rate_p99_250ms": steady.get("max_rate_p99_250ms"),
         "errors": r.get("errors", {}),
         "bench_seconds": _round(r.get("seconds")),
     }
@@ -148,6 +155,7 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
         ok = None if name == "standin" or idle.get(name) is None else idle[name] < BAR_IDLE_RSS_MB
         rows.append(("memory", f"{name} RSS idle / load", f"{_n(idle.get(name), 1)} / {_n(load.get(name), 1)} MB",
                      bar, _verdict(ok)))  # fmt: skip
+    rows += steady_rows(r.get("steady") or {})
     rows += growth_rows(r.get("growth") or {})
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -188,3 +196,23 @@ def growth_rows(growth: dict[str, Any]) -> list[Row]:
         label = f"{op} p99 ms at {' / '.join(f'{int(n) / 1e6:g}M' for n in sizes)} rows"
         rows.append(("growth", label, f"{values} ({ratio:.2f}x)", bar, "ok" if ok else "FAIL"))
     return rows
+
+
+def steady_rows(st: dict[str, Any]) -> list[Row]:
+    if not st:
+        return []
+    clean = not st["missing"] and not st["duplicates"]
+    return [
+        ("steady", f"offered / achieved, {st['interval']:g} s x {st['batch']}",
+         f"{_n(st['rate_offered'])} / {_n(st['rate_achieved'])} msg/s", "", ""),
+        ("steady", "claim -> sent p50 / p95 / p99 / max",
+         " / ".join(_n(st[f"claim_{k}"], 1) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms",
+         f"p99 < {BAR_STEADY_CLAIM_P99_MS:g} ms", _verdict((st["claim_p99_ms"] or 1e9) < BAR_STEADY_CLAIM_P99_MS)),
+        ("steady", "due -> sent p50 / p95 / p99 / max",
+         " / ".join(_n(st[f"due_{k}"], 1) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms",
+         f"p99 < {BAR_STEADY_DUE_P99_MS:g} ms", _verdict((st["due_p99_ms"] or 1e9) < BAR_STEADY_DUE_P99_MS)),
+        ("steady", "missing; duplicates", f"{st['missing']}; {st['duplicates']}", "0 / 0", _verdict(clean)),
+        ("steady", "highest rate with due -> sent p99 < 250 ms",
+         "-" if st.get("max_rate_p99_250ms") is None else f"{_n(st['max_rate_p99_250ms'])} msg/s",
+         "", ""),
+    ]  # fmt: skip
