@@ -25,6 +25,8 @@ from bench.procs import cpu_seconds, machine_jiffies, server_pids
 from bench.report import percentile
 
 LUA = Path(__file__).resolve().parent / "report.lua"
+INTAKE_LUA = Path(__file__).resolve().parent / "intake.lua"
+INTAKE_BODY = {"recipient": "+905551111111", "content": "bench intake"}
 
 
 def pick_client(cfg: Config) -> str:
@@ -70,11 +72,11 @@ async def prepare(base: str, rows: int) -> dict[str, Any]:
     }
 
 
-async def run_wrk(url: str, clients: int, duration: float) -> dict[str, Any]:
+async def run_wrk(url: str, clients: int, duration: float, script: Path = LUA) -> dict[str, Any]:
     threads = min(2, clients)
     proc = await asyncio.create_subprocess_exec(
         *("wrk", f"-t{threads}", f"-c{clients}", f"-d{max(1, round(duration))}s", "--timeout", "10s"),
-        *("-s", str(LUA), url),
+        *("-s", str(script), url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -94,7 +96,7 @@ async def run_wrk(url: str, clients: int, duration: float) -> dict[str, Any]:
             "errors": sum(errors)}  # fmt: skip
 
 
-async def run_python(url: str, clients: int, duration: float) -> dict[str, Any]:
+async def run_python(url: str, clients: int, duration: float, script: Path = LUA) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + duration
@@ -106,9 +108,11 @@ async def run_python(url: str, clients: int, duration: float) -> dict[str, Any]:
             nonlocal errors
             while (started := time.perf_counter()) < deadline:
                 try:
-                    async with session.get(url) as resp:
+                    post = script == INTAKE_LUA
+                    request = session.post(url, json=INTAKE_BODY) if post else session.get(url)
+                    async with request as resp:
                         await resp.read()
-                        ok = resp.status == 200
+                        ok = resp.status == (201 if post else 200)
                 except (aiohttp.ClientError, TimeoutError):
                     ok = False
                 if ok:
@@ -152,17 +156,20 @@ async def run_api(cfg: Config, base: str, pool: aiomysql.Pool, gateway_pid: int)
     load = run_wrk if client == "wrk" else run_python
     info = await prepare(base, cfg.rows)
     out: dict[str, Any] = {"client": client, **info}
-    for name, clients in (("first", cfg.clients), ("deep_cursor", cfg.clients), ("deep_offset", 1)):
+    info["create"] = "/messages"
+    scenarios = (("first", cfg.clients, LUA), ("deep_cursor", cfg.clients, LUA), ("deep_offset", 1, LUA),
+                 ("create", cfg.clients, INTAKE_LUA))  # fmt: skip
+    for name, clients, script in scenarios:
         url = base + info[name]
         waited = await quiesce(pool)
         if waited > 1:
             print(f"bench:   waited {waited:.0f}s for the previous scenario's queries to end", file=sys.stderr)
         if cfg.warmup:
-            await load(url, clients, cfg.warmup)
+            await load(url, clients, cfg.warmup, script)
         watched = {"gateway": gateway_pid, **{k: v[0] for k, v in server_pids().items() if k == "mysql"}}
         before, jiffies = {k: cpu_seconds(p) or 0.0 for k, p in watched.items()}, machine_jiffies()
         clock = time.monotonic()
-        out[name] = result = await load(url, clients, cfg.duration)
+        out[name] = result = await load(url, clients, cfg.duration, script)
         wall = time.monotonic() - clock
         busy, total = (a - b for a, b in zip(machine_jiffies(), jiffies, strict=True))
         result["cpu_percent"] = {k: 100 * ((cpu_seconds(p) or 0.0) - before[k]) / wall for k, p in watched.items()}

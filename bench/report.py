@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from bench.config import (
+    BAR_CREATE_RPS,
     BAR_IDLE_RSS_MB,
     BAR_LIST_P99_MS,
     BAR_LIST_RPS,
@@ -83,6 +84,8 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         "rss_idle_mb": {k: _round(v, 1) for k, v in r.get("rss_idle", {}).items()},
         "rss_load_mb": {k: _round(v, 1) for k, v in r.get("rss_load", {}).items()},
         "cpu_percent": {k: _round(v) for k, v in pipe.get("cpu_percent", {}).items()},
+        "create_rps": _round((api.get("create") or {}).get("rps")),
+        "create_p99_ms": _round((api.get("create") or {}).get("p99_ms"), 2),
         "latency_steady_p99_ms": _round(steady.get("claim_p99_ms"), 1),
         "latency_due_p99_ms": _round(steady.get("due_p99_ms"), 1),
         "steady_rate": _round(steady.get("rate_achieved")),
@@ -149,6 +152,18 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
                      "exact", _verdict(bool(api["pages_ok"]))))  # fmt: skip
         rows.append(("api", "X-Total-Count of the first page", f"{api['total_count']}", f"= {r['config']['rows']:,}",
                      _verdict(bool(api["total_count_ok"]))))  # fmt: skip
+        if api.get("create"):
+            res = api["create"]
+            ok = res["errors"] == 0 and res["p99_ms"] is not None
+            rows.append(
+                (
+                    "api",
+                    f"POST /messages, {n} clients, req/s; p50 / p99",
+                    f"{_n(res['rps'])}; {_n(res['p50_ms'], 2)} / {_n(res['p99_ms'], 2)} ms",
+                    f">= {BAR_CREATE_RPS:,.0f}, p99 < {BAR_LIST_P99_MS:g}",
+                    _verdict(ok and res["rps"] >= BAR_CREATE_RPS and res["p99_ms"] < BAR_LIST_P99_MS),
+                )
+            )
     idle, load = r.get("rss_idle", {}), r.get("rss_load", {})
     for name in sorted(set(idle) | set(load)):
         bar = "" if name == "standin" else f"idle < {BAR_IDLE_RSS_MB:g}"
