@@ -713,9 +713,13 @@ async def test_11_lost_dispatch_messages(
     await insert(store, n)
     await standin.behave(delay_ms=600_000)
     producer = start(cluster, "producer", SEND_BATCH_SIZE=batch, CLAIM_LEASE_SECONDS=2)
-    consumer = start(cluster, "consumer", DELIVERY_GUARANTEE=guarantee, WEBHOOK_TIMEOUT_SECONDS=5, CONSUMER_PREFETCH=1)
+    # The hung requests must still be in flight at the kill (not timed out by the consumer itself).
+    timeout = pick(size, 5, 30)
+    consumer = start(
+        cluster, "consumer", DELIVERY_GUARANTEE=guarantee, WEBHOOK_TIMEOUT_SECONDS=timeout, CONSUMER_PREFETCH=1
+    )
     await wait_for(lambda: keys_at_least(standin, 1), 30, "requests in flight")
-    await wait_claimed(settings, 2 * batch)  # more claims wait in the queue behind the hung ones
+    await wait_for(lambda: _claims_waiting(settings), 30, "more claims waiting in the queue behind the hung ones")
     consumer.kill9()
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
@@ -733,6 +737,11 @@ async def test_11_lost_dispatch_messages(
     assert all(acc.arrivals[i] == 1 for i in acc.sent - in_flight)
     assert any("re-publishing" in e.get("message", "") for e in events(producer)), "lost claims re-published"
     assert_quiet(consumer)
+
+
+async def _claims_waiting(settings: Settings) -> bool:
+    c = await counts(settings)
+    return bool(c.get("queued")) and bool(c.get("sending"))
 
 
 # --- 12. a webhook slower than the timeout ---------------------------------------------------------
