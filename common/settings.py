@@ -20,6 +20,7 @@ T = TypeVar("T")
 DELIVERY_GUARANTEES = ("at-most-once", "at-least-once")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+AMQP_QUEUE_TYPES = ("classic", "quorum")
 
 
 class Secret(str):
@@ -112,6 +113,7 @@ class Settings:
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     redis_prefix: str = ""
     amqp_url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
+    amqp_queue_type: str = "classic"
     webhook_url: str = "http://127.0.0.1:8081/webhook"
     webhook_auth_key: Secret = Secret("")
     webhook_timeout_seconds: float = 10.0
@@ -166,6 +168,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mysql_user": lambda raw: _nonempty(raw),
     "redis_url": _url(("redis", "rediss", "unix")),
     "amqp_url": _url(("amqp", "amqps")),
+    "amqp_queue_type": _choice(AMQP_QUEUE_TYPES),
     "webhook_url": _url(("http", "https")),
     "webhook_timeout_seconds": _float(0, strict=True),
     "send_interval_seconds": _float(0, strict=True),

@@ -96,6 +96,7 @@ def env(run_id: str) -> Iterator[dict[str, str]]:
         "REDIS_URL": f"redis://{REDIS[0]}:{REDIS[1]}/0",
         "REDIS_PREFIX": f"{run_id}:",
         "AMQP_URL": f"amqp://guest:guest@{AMQP[0]}:{AMQP[1]}/{run_id}",
+        "AMQP_QUEUE_TYPE": os.environ.get("AMQP_QUEUE_TYPE", "classic"),  # the whole suite runs with either
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "text",
     }
