@@ -19,6 +19,7 @@ containers, database, vhost and keys whatever happens.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -182,8 +183,6 @@ class Isolation:
             self.management + path, method=method, data=None if body is None else json.dumps(body).encode()
         )
         token = f"{self.amqp_user}:{self.amqp_password}".encode()
-        import base64
-
         request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
         request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -235,16 +234,25 @@ class Isolation:
     def __exit__(self, *_: object) -> None:
         import redis
 
-        with contextlib.suppress(Exception):
-            self._api("DELETE", f"/vhosts/{quote(self.name, safe='')}")
-        with contextlib.suppress(Exception):
-            self._sql(f"DROP DATABASE IF EXISTS `{self.name}`")
-        with contextlib.suppress(Exception):
+        def delete_keys() -> None:
             client = redis.Redis.from_url(self.host.redis_url.reveal())
-            keys = list(client.scan_iter(match=f"{self.name}:*", count=1000))
-            if keys:
-                client.delete(*keys)
-            client.close()
+            try:
+                keys = list(client.scan_iter(match=f"{self.name}:*", count=1000))
+                if keys:
+                    client.delete(*keys)
+            finally:
+                client.close()
+
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("vhost", lambda: self._api("DELETE", f"/vhosts/{quote(self.name, safe='')}")),
+            ("database", lambda: self._sql(f"DROP DATABASE IF EXISTS `{self.name}`")),
+            ("Redis keys", delete_keys),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # go on with the others, and say what is left behind
+                log(f"WARNING: could not remove the {what} {self.name}: {exc!r}")
         log(f"removed database, vhost and Redis keys {self.name}")
 
 
