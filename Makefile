@@ -46,6 +46,13 @@ demo: $(STAMP) ## insert sample messages for a running system
 migrate: $(STAMP) ## apply the schema migrations
 	$(BIN)/message-sender migrate
 
+.PHONY: images test-images
+images: $(STAMP) ## build every service image from deploy/Dockerfile (podman if installed, else docker)
+	$(BIN)/python deploy/images.py build
+
+test-images: $(STAMP) ## build the images, prove each container alone and docker-compose.yml end to end
+	$(BIN)/python deploy/images.py prove
+
 up: ## docker compose up --build (the full stack in containers)
 	docker compose up --build
 

@@ -53,5 +53,10 @@ def run_service(name: str, body: Callable[[Settings, asyncio.Event], Awaitable[N
         await body(settings, stop)
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(main())
+        try:
+            runner.run(main())
+        except SettingsError as exc:  # found only once connected (e.g. AMQP_QUEUE_TYPE against an existing queue)
+            log.error("%s", exc)
+            print(f"{name}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     log.info("%s stopped", name)

@@ -28,6 +28,7 @@ LOOPBACK_NAMES = ("localhost",)
 DELIVERY_GUARANTEES = ("at-most-once", "at-least-once")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+AMQP_QUEUE_TYPES = ("classic", "quorum")
 
 
 class Secret:
@@ -176,6 +177,7 @@ class Settings:
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     redis_prefix: str = ""
     amqp_url: Secret = Secret("amqp://guest:guest@127.0.0.1:5672/")
+    amqp_queue_type: str = "classic"
     webhook_url: Secret = Secret("http://127.0.0.1:8081/webhook")  # a capability: see mask_webhook_url
     webhook_auth_key: Secret = Secret("")
     webhook_timeout_seconds: float = 10.0
@@ -264,6 +266,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mysql_user": lambda raw: _nonempty(raw),
     "redis_url": _url(("redis", "rediss", "unix")),
     "amqp_url": _url(("amqp", "amqps")),
+    "amqp_queue_type": _choice(AMQP_QUEUE_TYPES),
     "webhook_url": _url(("http", "https")),
     "api_token": _api_token,
     "webhook_timeout_seconds": _float(0, strict=True, hi=HOUR),

@@ -5,6 +5,11 @@
   travel, the rows are the truth.
 - ``message_sender.dead_letter`` (fanout exchange) -> ``message_sender.dead_letter`` (durable queue):
   messages a consumer rejects (poison bodies, unknown ids) and a copy of every message that ended ``failed``.
+
+Both queues are of the type ``AMQP_QUEUE_TYPE`` names: ``classic`` (the default) or ``quorum`` (replicated
+over a RabbitMQ cluster's nodes, what a cluster needs; a single node runs them too). A queue keeps the type
+it was created with: declaring it with another one fails with a :class:`~common.errors.SettingsError`
+naming the setting.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from common.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,10 @@ class Topology:
         dead_letter: AbstractExchange,
         dispatch_queue: AbstractQueue,
         dead_letter_queue: AbstractQueue,
+        queue_type: str = "classic",
     ) -> None:
         self.channel = channel
+        self.queue_type = queue_type
         self.dispatch = dispatch
         self.dead_letter = dead_letter
         self.dispatch_queue = dispatch_queue
@@ -71,7 +80,7 @@ class Topology:
     async def dispatch_ready(self) -> int:
         """Messages ready (not yet delivered to a consumer) in the dispatch queue. The topology is declared
         again for it (idempotent): a queue that was deleted is back, bound, and reported empty."""
-        fresh = await declare(self.channel)
+        fresh = await declare(self.channel, self.queue_type)
         return int(fresh.dispatch_queue.declaration_result.message_count or 0)
 
     async def dead_letter_copy(self, body: bytes, headers: Mapping[str, Any]) -> None:
@@ -98,17 +107,32 @@ def dispatch_message(ids: Sequence[int]) -> aio_pika.Message:
     )
 
 
-async def declare(channel: AbstractChannel) -> Topology:
-    """Declare (idempotently) the whole topology on ``channel``."""
+async def declare(channel: AbstractChannel, queue_type: str = "classic") -> Topology:
+    """Declare (idempotently) the whole topology on ``channel``, both queues of type ``queue_type``."""
     dead_letter = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    dead_letter_queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+    dead_letter_queue = await _declare_queue(channel, DEAD_LETTER_QUEUE, queue_type, {})
     await dead_letter_queue.bind(dead_letter)
     dispatch = await channel.declare_exchange(DISPATCH_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
-    dispatch_queue = await channel.declare_queue(
-        DISPATCH_QUEUE, durable=True, arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    dispatch_queue = await _declare_queue(
+        channel, DISPATCH_QUEUE, queue_type, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
     )
     await dispatch_queue.bind(dispatch, routing_key=DISPATCH_ROUTING_KEY)
-    return Topology(channel, dispatch, dead_letter, dispatch_queue, dead_letter_queue)
+    return Topology(channel, dispatch, dead_letter, dispatch_queue, dead_letter_queue, queue_type)
+
+
+async def _declare_queue(
+    channel: AbstractChannel, name: str, queue_type: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments={**arguments, "x-queue-type": queue_type})
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        if "x-queue-type" not in str(exc):
+            raise
+        raise SettingsError(
+            f"AMQP_QUEUE_TYPE={queue_type} does not match the queue {name} that exists in RabbitMQ with another "
+            "type (a queue keeps its type): set AMQP_QUEUE_TYPE to the existing type, or drain and delete the "
+            f"queue to recreate it as {queue_type}"
+        ) from exc
 
 
 async def connect(url: str, name: str = "message-sender") -> aio_pika.abc.AbstractRobustConnection:
@@ -140,9 +164,12 @@ async def connect(url: str, name: str = "message-sender") -> aio_pika.abc.Abstra
     return conn
 
 
-async def open_channel(conn: aio_pika.abc.AbstractRobustConnection, prefetch: int = 0) -> Topology:
-    """A channel with publisher confirms, returns raised as errors, and the topology declared."""
+async def open_channel(
+    conn: aio_pika.abc.AbstractRobustConnection, prefetch: int = 0, *, queue_type: str = "classic"
+) -> Topology:
+    """A channel with publisher confirms, returns raised as errors, and the topology declared (its queues of
+    type ``queue_type``, the setting ``AMQP_QUEUE_TYPE``)."""
     channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
     if prefetch:
         await channel.set_qos(prefetch_count=prefetch)
-    return await declare(channel)
+    return await declare(channel, queue_type)

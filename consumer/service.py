@@ -84,9 +84,11 @@ class Consumer:
             session = Webhook.open_session(s)
             stack.push_async_callback(session.close)
             publisher = await self._connect(stack, "publish")
-            self.dead_letters = await topology.open_channel(publisher)
+            self.dead_letters = await topology.open_channel(publisher, queue_type=s.amqp_queue_type)
             consuming = await self._connect(stack, "consume")
-            self.topology = await topology.open_channel(consuming, prefetch=s.consumer_prefetch)
+            self.topology = await topology.open_channel(
+                consuming, prefetch=s.consumer_prefetch, queue_type=s.amqp_queue_type
+            )
             self.deliveries = Deliveries(s, MessageStore(pool), Webhook(s, session), self.cache, self._dead_letter_copy)
             stack.push_async_callback(self.deliveries.close)  # before the pool and the session close
             tag = await self.topology.dispatch_queue.consume(self._on_message)

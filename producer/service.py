@@ -93,7 +93,7 @@ class Producer:
             stack.push_async_callback(conn.close)
             conn.close_callbacks.add(lambda *_: self._amqp_down())
             conn.reconnect_callbacks.add(lambda *_: setattr(self, "amqp_down_since", None))
-            self.topology = await topology.open_channel(conn)
+            self.topology = await topology.open_channel(conn, queue_type=s.amqp_queue_type)
             self.ready = True
             log.info("producer %s ticking every %gs, batch %d", self.name, s.send_interval_seconds, s.send_batch_size)
             renewer = asyncio.get_running_loop().create_task(self._renew(stop))

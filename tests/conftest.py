@@ -10,6 +10,7 @@ test, and fails the run if any of them is not the same process (pid and start ti
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -120,7 +121,9 @@ def sandbox(request: pytest.FixtureRequest, run_id: str, base_settings: Settings
 @pytest.fixture
 def env(sandbox: Sandbox) -> dict[str, str]:
     """The environment of an isolated run: own database, Redis prefix and vhost; fast, quiet defaults."""
-    return {**sandbox.env(), "LOG_LEVEL": "INFO", "LOG_FORMAT": "text"}
+    # AMQP_QUEUE_TYPE passes through: the whole suite runs with either queue type.
+    queue_type = {"AMQP_QUEUE_TYPE": os.environ.get("AMQP_QUEUE_TYPE", "classic")}
+    return {**sandbox.env(), **queue_type, "LOG_LEVEL": "INFO", "LOG_FORMAT": "text"}
 
 
 @pytest.fixture

@@ -338,7 +338,7 @@ async def test_04_consumer_connection_dropped_mid_request(
     await wait_for(lambda: ready(consumer), 20, "the consumer to start")
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        assert await (await topology.open_channel(conn)).publish_ids(ids) == []
+        assert await (await topology.open_channel(conn, queue_type=settings.amqp_queue_type)).publish_ids(ids) == []
     await wait_for(lambda: keys_at_least(standin, n), 20, "every request in flight")
     vhost = settings.amqp_url.reveal().rsplit("/", 1)[1]
     dropped = functools.partial(drop_amqp_connections, sandbox.rabbit, vhost)
@@ -618,7 +618,7 @@ async def test_08_poison_messages_go_to_the_dead_letter_queue_under_load(
     consumer = start(cluster, "consumer")
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        topo = await topology.open_channel(conn)
+        topo = await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
         for r in range(rounds):
             await wait_sent(settings, r * n // (rounds + 1))
             # A known id beside an unknown one: the known one is a dropped duplicate, the other dead-lettered.
@@ -723,7 +723,7 @@ async def test_11_lost_dispatch_messages(
     consumer.kill9()
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        await (await topology.open_channel(conn)).dispatch_queue.purge()
+        await (await topology.open_channel(conn, queue_type=settings.amqp_queue_type)).dispatch_queue.purge()
     in_flight = await ids_with_status(settings, "sending")
     await standin.behave(delay_ms=0)
     consumer = start(cluster, "consumer", DELIVERY_GUARANTEE=guarantee)

@@ -89,7 +89,7 @@ async def rig(settings: Settings, store: MessageStore, standin: StandIn, request
     await wait_for(lambda: _value(consumer.ready), 20, "the consumer to consume")
     conn = await topology.connect(s.amqp_url.reveal())
     try:
-        yield Rig(s, store, standin, await topology.open_channel(conn))
+        yield Rig(s, store, standin, await topology.open_channel(conn, queue_type=s.amqp_queue_type))
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

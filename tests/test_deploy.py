@@ -1,5 +1,6 @@
 """The container set-up, checked without a Docker engine: docker-compose.yml as `docker-compose config` reads
-it, each Dockerfile's structure, .dockerignore, and .env.example against the settings."""
+it, its host-services override, each target of deploy/Dockerfile, .dockerignore, and .env.example against the
+settings. (`make test-images` builds and runs the images themselves.)"""
 
 from __future__ import annotations
 
@@ -63,12 +64,12 @@ def targets(service: dict[str, Any]) -> set[int]:
     return {int(p["target"]) if isinstance(p, dict) else int(str(p).split("/")[0].rsplit(":", 1)[-1]) for p in ports}
 
 
-def test_each_service_is_built_from_its_own_image(services: dict[str, dict[str, Any]]) -> None:
-    dockerfiles = {name: services[name]["build"]["dockerfile"] for name in BUILT}
-    assert len(set(dockerfiles.values())) == len(BUILT), dockerfiles
-    for name, dockerfile in dockerfiles.items():
-        assert dockerfile.startswith("deploy/") and (ROOT / dockerfile).is_file(), f"{name}: {dockerfile}"
-        assert Path(services[name]["build"]["context"]).resolve() == ROOT
+def test_each_service_is_built_from_its_own_target(services: dict[str, dict[str, Any]]) -> None:
+    for name in BUILT:
+        build = services[name]["build"]
+        assert (build["dockerfile"], build["target"]) == ("deploy/Dockerfile", name), f"{name}: {build}"
+        assert Path(build["context"]).resolve() == ROOT
+    assert not list((ROOT / "deploy").glob("*.Dockerfile")), "one Dockerfile, one target per service"
 
 
 def test_every_service_is_health_checked_and_waits_for_healthy_dependencies(
@@ -77,7 +78,7 @@ def test_every_service_is_health_checked_and_waits_for_healthy_dependencies(
     for name in INFRA:
         assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
     for name in BUILT:  # their healthcheck is in their image
-        assert "HEALTHCHECK" in (ROOT / services[name]["build"]["dockerfile"]).read_text()
+        assert any(op == "HEALTHCHECK" for op, _ in target_steps(name)), f"{name}: no HEALTHCHECK"
     for name in ("producer", "consumer", "gateway"):
         deps = services[name]["depends_on"]
         assert {"mysql", "redis", "rabbitmq"} <= set(deps), f"{name}: {deps}"
@@ -125,10 +126,35 @@ def test_prometheus_scrapes_every_replica() -> None:
     }  # fmt: skip
 
 
-# --- Dockerfiles ------------------------------------------------------------------------------------------
+def test_host_override_runs_only_the_app_services_against_the_hosts_servers() -> None:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        return loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode) else None
+
+    Loader.add_constructor("!reset", tagged)
+    Loader.add_constructor("!override", tagged)
+    override = yaml.load((ROOT / "deploy" / "compose.host.yml").read_text(), Loader=Loader)["services"]
+    for name in INFRA:
+        assert override[name] == {"profiles": ["servers"]}, f"{name} would start beside the host's server"
+    for name in BUILT:
+        assert override[name]["network_mode"] == "host", name
+    for name in ("gateway", "producer", "consumer"):
+        env = override[name]["environment"]
+        assert env["MYSQL_HOST"] == "${MYSQL_HOST:-127.0.0.1}" and "REDIS_PREFIX" in env and "AMQP_URL" in env
+    for name, var in (("producer", "PRODUCER_METRICS_PORT"), ("consumer", "CONSUMER_METRICS_PORT")):
+        assert f"os.environ['{var}']" in " ".join(override[name]["healthcheck"]["test"]), name
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
+# --- Dockerfile -------------------------------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
     text = re.sub(
         r"\\\n", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
@@ -136,26 +162,52 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1].strip()) for ln in text.splitlines() if ln.strip()]
 
 
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Each named stage: (what it is FROM, its own instructions)."""
+    found: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    steps: list[tuple[str, str]] = []
+    for op, arg in instructions():
+        if op == "FROM":
+            image, _, alias = arg.split()
+            steps = []
+            found[alias] = (image, steps)
+        else:
+            steps.append((op, arg))
+    return found
+
+
+def target_steps(target: str) -> list[tuple[str, str]]:
+    """The instructions that make up ``target``: its ancestors' (base image first), then its own."""
+    chain: list[tuple[str, str]] = []
+    all_stages = stages()
+    while target in all_stages:
+        parent, own = all_stages[target]
+        chain = own + chain
+        target = parent
+    return chain
+
+
+def test_one_dockerfile_with_a_target_per_service() -> None:
+    all_stages = stages()
+    assert set(BUILT) <= set(all_stages), f"targets: {sorted(all_stages)}"
+    for name, (image, _) in all_stages.items():
+        if image not in all_stages:
+            assert PINNED.match(image), f"{name}: base image {image} is not pinned to a full version"
+    for service in BUILT:  # multi-stage: what runs copies a build from a stage it does not descend from
+        copies = [arg.split()[0].removeprefix("--from=") for op, arg in target_steps(service) if op == "COPY"]
+        assert any(c in all_stages for c in copies), f"{service}: copies no build stage"
+        assert not any(op == "RUN" and "pip install" in arg for op, arg in target_steps(service)), service
+
+
 @pytest.mark.parametrize("service", sorted(BUILT))
-def test_dockerfile_structure(service: str) -> None:
-    path = ROOT / "deploy" / f"{service}.Dockerfile"
-    steps = instructions(path)
-    stages = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
-    assert len(stages) >= 2, "multi-stage: build in one stage, run from a clean one"
-    aliases = set()
-    for i in stages:
-        image, *rest = steps[i][1].split()
-        if image not in aliases:
-            assert PINNED.match(image), f"base image {image} is not pinned to a full version"
-        if rest:
-            aliases.add(rest[-1])
-    final = steps[stages[-1] :]
-    ops = {op: arg for op, arg in final}  # the last of each instruction in the final stage
-    assert any(op == "COPY" and arg.startswith("--from=") for op, arg in final), "the final stage copies a build"
+def test_dockerfile_target(service: str) -> None:
+    steps = target_steps(service)
+    ops = {op: arg for op, arg in steps}  # the last of each instruction in the target
     user = ops.get("USER", "root").split(":")[0]
-    assert user not in ("root", "0"), f"the final stage runs as {user}"
+    assert user not in ("root", "0"), f"{service} runs as {user}"
     var, port = BUILT[service]
-    assert re.search(rf"\b{var}={port}\b", " ".join(arg for op, arg in final if op == "ENV")), f"ENV {var}={port}"
+    assert re.search(rf"\b{var}={port}\b", " ".join(arg for op, arg in steps if op == "ENV")), f"ENV {var}={port}"
+    assert ops["EXPOSE"] == str(port)
     command = healthcheck_command(service)
     assert f"os.environ['{var}']" in command, command
     assert ("/_control/health" if service == "standin" else "/healthz") in command, command
@@ -166,7 +218,10 @@ def test_dockerfile_structure(service: str) -> None:
         assert entrypoint[:2] == ["python", "/app/standin.py"] and "0.0.0.0" in entrypoint
     else:
         assert entrypoint == [f"message-sender-{service}"] and entrypoint[0] in scripts
-    for op, arg in steps:  # what a COPY takes from the build context exists and is not ignored
+
+
+def test_dockerfile_copies_only_what_the_build_context_holds() -> None:
+    for op, arg in instructions():
         if op == "COPY" and not arg.startswith("--from="):
             for source in arg.split()[:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: no such file"
@@ -175,7 +230,7 @@ def test_dockerfile_structure(service: str) -> None:
 
 def healthcheck_command(service: str) -> str:
     """The shell command of the image's HEALTHCHECK (run against live processes by test_make_run)."""
-    ops = dict(instructions(ROOT / "deploy" / f"{service}.Dockerfile"))
+    ops = dict(target_steps(service))
     match = re.search(r"\bCMD\s+(.*)$", ops["HEALTHCHECK"])
     assert match and not match.group(1).startswith("["), "HEALTHCHECK CMD in shell form"
     return match.group(1)
@@ -254,5 +309,5 @@ def test_every_published_port_is_on_this_machine_unless_opened_on_purpose(tmp_pa
     opened = compose_config(tmp_path, GATEWAY_BIND="0.0.0.0", API_TOKEN="t" * 32)["services"]
     assert published(opened["gateway"]) == {"0.0.0.0"}
     assert opened["gateway"]["environment"]["API_TOKEN"] == "t" * 32
-    dockerfile = (ROOT / "deploy" / "gateway.Dockerfile").read_text()
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^ENV .*\bGATEWAY_HOST=0\.0\.0\.0\b", dockerfile, re.M), "in its container it listens on all"

@@ -310,7 +310,7 @@ async def test_stats_match_the_database(settings: Settings, store: MessageStore,
     )
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        topo = await topology.open_channel(conn)
+        topo = await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
         for i in range(3):
             await topo.dispatch.publish(
                 topology.dispatch_message([1000 + i]), routing_key=topology.DISPATCH_ROUTING_KEY

@@ -137,7 +137,7 @@ async def test_the_same_id_published_twice_is_sent_once(
     consumer = cluster.start("consumer")
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        topo = await topology.open_channel(conn)
+        topo = await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
         assert await topo.publish_ids([mid, mid]) == []
         assert await topo.publish_ids([mid]) == []
     await wait_for(lambda: all_finished(settings), 20, "the message to be sent")
@@ -257,7 +257,7 @@ async def test_webhook_answers(
         assert row["last_error"]
         conn = await topology.connect(settings.amqp_url.reveal())
         async with conn:
-            topo = await topology.open_channel(conn)
+            topo = await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
             copy = await wait_for(lambda: topo.dead_letter_queue.get(fail=False), 10, "the dead-letter copy")
             assert b'"id":%d' % mid in copy.body
             await copy.ack()
@@ -285,7 +285,7 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_goes_on(
     cluster.start("consumer")
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
-        topo = await topology.open_channel(conn)
+        topo = await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
         for body in (b"not json", b'{"id": "seven"}', b"[1, 2]", b'{"id": 999999}'):
             await topo.dispatch.publish(aio_pika.Message(body), routing_key=topology.DISPATCH_ROUTING_KEY)
         # A good chunk with one unknown id: the known one is sent, the unknown one dead-lettered.
