@@ -36,6 +36,7 @@ from common.models import Delivery, Outcome, outcome_unknown, utcnow
 from common.settings import Settings
 from consumer import metrics
 from consumer.policy import is_retryable_status, next_attempt_delay, parse_retry_after
+from consumer.signing import Signer, webhook_id
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class Webhook:
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()
+        keys = settings.signing_keys
+        self.signer = Signer(keys) if keys else None
 
     @staticmethod
     def open_session(settings: Settings) -> aiohttp.ClientSession:
@@ -145,11 +148,15 @@ class Webhook:
         status: int | None = None
         retry_after: float | None = None
         location: str | None = None
+        payload = orjson.dumps({"to": row.recipient, "content": row.content})
+        headers = {**self.headers, "Idempotency-Key": str(row.id)}
+        if self.signer is not None:
+            headers.update(self.signer.headers(webhook_id(row.id), payload))
         try:
             async with self.session.post(
                 self.url,
-                data=orjson.dumps({"to": row.recipient, "content": row.content}),
-                headers={**self.headers, "Idempotency-Key": str(row.id)},
+                data=payload,
+                headers=headers,
                 allow_redirects=False,
                 trace_request_ctx=progress,
             ) as resp:
