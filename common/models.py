@@ -103,6 +103,7 @@ class Outcome:
     error: str | None = None
     remote_message_id: str | None = None
     next_attempt_at: dt.datetime | None = None
+    retry_after: float | None = None  # seconds the service asked for (Retry-After), for the shared pause
 
     @property
     def duration_ms(self) -> int:

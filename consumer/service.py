@@ -29,6 +29,7 @@ from common.settings import Settings
 from common.store import MessageStore
 from consumer import metrics
 from consumer.cachewriter import CacheWriter
+from consumer.control import Control
 from consumer.delivery import Deliveries
 from consumer.webhook import Webhook
 
@@ -85,7 +86,10 @@ class Consumer:
             self.dead_letters = await topology.open_channel(publisher)
             consuming = await self._connect(stack, "consume")
             self.topology = await topology.open_channel(consuming, prefetch=s.consumer_prefetch)
-            self.deliveries = Deliveries(s, MessageStore(pool), Webhook(s, session), self.cache, self._dead_letter_copy)
+            control = Control(s, client, self.name)
+            self.deliveries = Deliveries(
+                s, MessageStore(pool), Webhook(s, session), self.cache, self._dead_letter_copy, control
+            )
             stack.push_async_callback(self.deliveries.close)  # before the pool and the session close
             tag = await self.topology.dispatch_queue.consume(self._on_message)
             self.ready = True

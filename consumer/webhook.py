@@ -250,6 +250,7 @@ class Webhook:
             status,
             error=_cut(error),
             next_attempt_at=finished + dt.timedelta(seconds=delay),
+            retry_after=retry_after,
         )
 
 

@@ -16,8 +16,10 @@ from common.errors import SettingsError
 from common.settings import Settings
 from common.store import MessageStore
 from consumer.signing import Signer
-from tests.chaos_helpers import assert_accounting, insert, start, wait_finished
-from tests.procs import Cluster, StandIn
+from tests.chaos_helpers import assert_accounting, counts, insert, logged, ready, start, wait_finished
+from tests.conftest import sql
+from tests.procs import Cluster, Service, StandIn, wait_for
+from tests.test_rate_and_failover import most_in_any_window
 
 
 def _secret() -> str:
@@ -77,3 +79,106 @@ def test_a_malformed_signing_secret_stops_the_start_naming_the_variable_not_the_
         Settings.from_env({"WEBHOOK_SIGNING_SECRETS": value}, dotenv=None)
     text = str(err.value)
     assert text.startswith("WEBHOOK_SIGNING_SECRETS=*** is invalid") and value not in text
+
+
+# --- one rate limit for all consumers, one pause for a Retry-After ----------------------------------------
+
+
+async def _attempts(settings: Settings) -> dict[int, int]:
+    return {int(i): int(n) for i, n in await sql(settings, "SELECT id, attempts FROM messages")}
+
+
+async def test_four_consumers_share_one_rate_limit(
+    store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+) -> None:
+    """50/s in total over 4 consumers: 1,000 messages arrive with no 1-second window above 55, in about 20 s."""
+    ids = await insert(store, 1000)
+    consumers = [start(cluster, "consumer", WEBHOOK_RATE_LIMIT_PER_SECOND=50) for _ in range(4)]
+    await wait_for(lambda: ready(*consumers), 30, "four consumers consuming")
+    start(cluster, "producer", SEND_BATCH_SIZE=1000, SEND_INTERVAL_SECONDS=0.5)
+    await wait_finished(settings, 60)
+    acc = await assert_accounting(settings, standin)
+    assert acc.sent == set(ids)
+    arrivals = sorted(float(r["at"]) for r in await standin.received())
+    drain = arrivals[-1] - arrivals[0]
+    print(f"1,000 at 50/s over 4 consumers: drain {drain:.1f}s, busiest second {most_in_any_window(arrivals, 1)}")
+    assert most_in_any_window(arrivals, 1.0) <= 55
+    assert 18 <= drain <= 24, f"the drain took {drain:.1f}s instead of about 20s"
+
+
+async def test_a_retry_after_pauses_every_consumer(
+    store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+) -> None:
+    """A 429 with Retry-After: 3 seen by one consumer stops all four for 3 s; only the message that got the
+    429 spends an attempt, the others wait."""
+    ids = await insert(store, 120)
+    await standin.behave(script=[*([{}] * 20), {"status": 429, "retry_after": 3}])
+    consumers = [start(cluster, "consumer", WEBHOOK_RATE_LIMIT_PER_SECOND=20) for _ in range(4)]
+    await wait_for(lambda: ready(*consumers), 30, "four consumers consuming")
+    start(cluster, "producer", SEND_BATCH_SIZE=200, SEND_INTERVAL_SECONDS=0.5)
+    await wait_finished(settings, 60)
+    acc = await assert_accounting(settings, standin)
+    assert acc.sent == set(ids)
+    received = sorted(await standin.received(), key=lambda r: float(r["at"]))
+    limited = next(r for r in received if r["status"] == 429)
+    after = [float(r["at"]) - float(limited["at"]) for r in received if float(r["at"]) > float(limited["at"])]
+    # requests already on their way when the 429 came back (within LEAD of their rate slot, their row taken
+    # for sending) still arrive right after it; then nothing until the pause is over
+    early = [d for d in after if d < 2.9]
+    assert all(d < 0.4 for d in early) and len(early) <= 8, f"requests during the pause: {early}"
+    assert min(d for d in after if d >= 0.4) >= 2.9
+    paused = [c for c in consumers if logged(c, "every delivery pauses 3.0s")]
+    assert len(paused) == 1, "one log line for the pause"
+    attempts = await _attempts(settings)
+    assert attempts[int(limited["key"])] == 2
+    assert all(n == 1 for i, n in attempts.items() if i != int(limited["key"])), "waiting spent attempts"
+
+
+# --- the circuit breaker -----------------------------------------------------------------------------------
+
+BREAKER = {
+    "WEBHOOK_BREAKER_FAILURE_RATIO": 0.5,
+    "WEBHOOK_BREAKER_MIN_REQUESTS": 5,
+    "WEBHOOK_BREAKER_WINDOW_SECONDS": 10,
+    "WEBHOOK_BREAKER_COOLDOWN_SECONDS": 1.5,
+    "WEBHOOK_RATE_LIMIT_PER_SECOND": 20,
+    "MAX_ATTEMPTS": 100,
+}
+
+
+async def test_the_breaker_opens_waits_probes_and_closes(
+    store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn
+) -> None:
+    """A stand-in that fails everything opens the breaker within the window; while it is open only the probes
+    go out (one per cooldown), no message is failed; when the stand-in recovers a probe closes it and every
+    message ends sent, accepted once."""
+    ids = await insert(store, 40)
+    await standin.behave(fail_rate=1.0, fail_status=500)
+    consumers = [start(cluster, "consumer", **BREAKER) for _ in range(2)]
+    await wait_for(lambda: ready(*consumers), 30, "two consumers consuming")
+    start(cluster, "producer", SEND_BATCH_SIZE=100, SEND_INTERVAL_SECONDS=0.5)
+    await wait_for(lambda: _any_logged(consumers, "circuit breaker opened"), 20, "the breaker to open")
+    await wait_for(lambda: _any_logged(consumers, "circuit breaker reopened"), 20, "a failed probe")
+    before = len(await standin.received())
+    opened_at = time.monotonic()
+    await wait_for(lambda: _count_logged(consumers, "circuit breaker reopened", 3), 20, "three failed probes")
+    during = len(await standin.received()) - before
+    elapsed = time.monotonic() - opened_at
+    assert during <= elapsed / 1.5 + 2, f"{during} requests in {elapsed:.1f}s with the breaker open"
+    assert (await counts(settings)).get("failed", 0) == 0
+    assert all(n < 20 for n in (await _attempts(settings)).values()), "attempts spent while open"
+    await standin.behave(fail_rate=0.0)
+    await wait_for(lambda: _any_logged(consumers, "circuit breaker closed"), 20, "a probe to close the breaker")
+    await wait_finished(settings, 60)
+    acc = await assert_accounting(settings, standin)
+    assert acc.sent == set(ids)
+    transitions = [line for c in consumers for line in c.log().splitlines() if "circuit breaker" in line]
+    assert sum("breaker opened" in t for t in transitions) == 1, "one log line per change"
+
+
+async def _any_logged(services: list[Service], text: str) -> bool:
+    return any(logged(s, text) for s in services)
+
+
+async def _count_logged(services: list[Service], text: str, n: int) -> bool:
+    return sum(s.log().count(text) for s in services) >= n
