@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 HORIZON_MS = 1000  # how far ahead a rate slot may be reserved
 LEAD = 0.25  # seconds before its rate slot a delivery goes on to its compare-and-set
 MEMBER_TTL_MS = 10_000  # a consumer counts toward the share for this long after its last request
+REDIS_RETRY_SECONDS = 0.2  # while Redis is down, how often a delivery asks it again
 POLL_MS = 250  # how often a waiter asks again while a probe is out
 BUCKETS = 10  # of the breaker's window
 STATES = {"closed": 0, "open": 1, "half-open": 2}
@@ -177,6 +178,7 @@ class Control:
         self.local: AsyncLimiter | None = None
         self.local_pause = 0.0  # monotonic deadline of this consumer's own pause (Redis down)
         self.redis_down = False
+        self.retry_redis_at = 0.0
         metrics.BREAKER_STATE.set(0)
 
     @property
@@ -186,6 +188,11 @@ class Control:
     async def admit(self) -> Ticket:
         """Wait until a request may go out: no pause, the breaker lets it, a rate slot reserved."""
         while True:
+            if self.redis_down and time.monotonic() < self.retry_redis_at:
+                local = await self._admit_locally(None)
+                if local is not None:
+                    return local
+                continue
             try:
                 kind, wait_ms, members, change = await self.admit_script(
                     keys=self.keys,
@@ -200,7 +207,10 @@ class Control:
                     ],
                 )
             except (redis.RedisError, OSError) as exc:
-                return await self._admit_locally(exc)
+                local = await self._admit_locally(exc)
+                if local is not None:
+                    return local
+                continue
             self._redis_back()
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
             if members:
@@ -279,20 +289,27 @@ class Control:
             log.warning("circuit breaker closed: the probe succeeded; deliveries go on")
             metrics.BREAKER_STATE.set(STATES["closed"])
 
-    async def _admit_locally(self, exc: BaseException) -> Ticket:
-        """Redis is down: this consumer's share of the limit, its own pause, the breaker closed."""
-        self._redis_lost(exc)
+    async def _admit_locally(self, exc: BaseException | None) -> Ticket | None:
+        """Redis is down: this consumer's share of the limit, its own pause, the breaker closed. Redis is
+        asked again at most every :data:`REDIS_RETRY_SECONDS` (not by every delivery: an unreachable host
+        would make each one wait for the connect timeout)."""
+        if exc is not None:
+            self._redis_lost(exc)
+            self.retry_redis_at = time.monotonic() + REDIS_RETRY_SECONDS
         wait = self.local_pause - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         if self.local is not None:
             await self.local.acquire()
-        return Ticket()
+        # None: Redis answered again while this one waited; it takes a slot of the shared limit instead.
+        return None if not self.redis_down else Ticket()
 
     def _redis_lost(self, exc: BaseException) -> None:
         if self.redis_down:
             return
         self.redis_down = True
+        # The slots reserved in Redis (up to HORIZON_MS ahead) still go out: the local share starts after them.
+        self.local_pause = max(self.local_pause, time.monotonic() + HORIZON_MS / 1000)
         if self.rate > 0:
             share = self.rate / max(1, self.members)
             self.local = AsyncLimiter(1, 1 / share)
