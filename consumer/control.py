@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from aiolimiter import AsyncLimiter
 
+from common.cache import breaker_key
 from common.settings import Settings
 from consumer import metrics
 
@@ -133,11 +134,6 @@ if total >= tonumber(ARGV[6]) and fails >= tonumber(ARGV[5]) * total then
 end
 return {change, fails, total, 0}
 """
-
-
-def breaker_key(prefix: str) -> str:
-    """The Redis hash of the breaker's state (``state``, ``since`` ms, ``until`` ms), also read by /stats."""
-    return f"{prefix}webhook:breaker"
 
 
 @dataclass(frozen=True, slots=True)

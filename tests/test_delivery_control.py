@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import os
 import time
+from typing import Any
 
+import aiohttp
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -18,7 +20,7 @@ from common.store import MessageStore
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, ready, start, wait_finished
 from tests.conftest import sql
-from tests.procs import Cluster, Service, StandIn, wait_for
+from tests.procs import Cluster, Service, StandIn, free_port, wait_for
 from tests.test_rate_and_failover import most_in_any_window
 
 
@@ -155,9 +157,14 @@ async def test_the_breaker_opens_waits_probes_and_closes(
     ids = await insert(store, 40)
     await standin.behave(fail_rate=1.0, fail_status=500)
     consumers = [start(cluster, "consumer", **BREAKER) for _ in range(2)]
+    port = free_port()
+    start(cluster, "gateway", GATEWAY_PORT=port, **BREAKER)
     await wait_for(lambda: ready(*consumers), 30, "two consumers consuming")
+    assert (await _stats_breaker(port))["state"] == "closed"
     start(cluster, "producer", SEND_BATCH_SIZE=100, SEND_INTERVAL_SECONDS=0.5)
     await wait_for(lambda: _any_logged(consumers, "circuit breaker opened"), 20, "the breaker to open")
+    shown = await _stats_breaker(port)
+    assert shown["state"] in ("open", "half-open") and shown["failing_since"], shown
     await wait_for(lambda: _any_logged(consumers, "circuit breaker reopened"), 20, "a failed probe")
     before = len(await standin.received())
     opened_at = time.monotonic()
@@ -172,6 +179,7 @@ async def test_the_breaker_opens_waits_probes_and_closes(
     await wait_finished(settings, 60)
     acc = await assert_accounting(settings, standin)
     assert acc.sent == set(ids)
+    assert await _stats_breaker(port) == {"state": "closed", "failing_since": None, "until": None}
     transitions = [line for c in consumers for line in c.log().splitlines() if "circuit breaker" in line]
     assert sum("breaker opened" in t for t in transitions) == 1, "one log line per change"
 
@@ -182,3 +190,17 @@ async def _any_logged(services: list[Service], text: str) -> bool:
 
 async def _count_logged(services: list[Service], text: str, n: int) -> bool:
     return sum(s.log().count(text) for s in services) >= n
+
+
+async def _stats_breaker(port: int) -> dict[str, Any]:
+    async def answered() -> dict[str, Any] | None:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/stats") as resp:
+                return dict((await resp.json())["breaker"]) if resp.status == 200 else None
+        except aiohttp.ClientError:
+            return None
+
+    await wait_for(answered, 20, "the gateway's /stats")
+    found = await answered()
+    assert found is not None
+    return found
