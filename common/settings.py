@@ -187,6 +187,8 @@ class Settings:
     webhook_breaker_min_requests: int = 20
     webhook_breaker_window_seconds: int = 30
     webhook_breaker_cooldown_seconds: float = 30.0
+    webhook_fallback_url: Secret = Secret("")  # used while the primary's breaker is open (empty: none)
+    webhook_fallback_auth_key: Secret = Secret("")
     send_interval_seconds: float = 120.0
     send_batch_size: int = 2
     max_attempts: int = 5
@@ -281,6 +283,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_token": _api_token,
     "webhook_timeout_seconds": _float(0, strict=True, hi=HOUR),
     "webhook_signing_secrets": lambda raw: _signing_secrets(raw),
+    "webhook_fallback_url": lambda raw: _url(("http", "https"))(raw) if raw.strip() else "",
     "webhook_rate_limit_per_second": _float(0, hi=100_000),
     "webhook_breaker_failure_ratio": _float(0, hi=1),
     "webhook_breaker_min_requests": _int(1, 1_000_000),

@@ -145,6 +145,7 @@ class Ticket:
 
     probe: bool = False
     at: float = 0.0
+    fallback: bool = False  # the primary's breaker is open: this attempt goes to WEBHOOK_FALLBACK_URL
 
     async def on_time(self) -> None:
         wait = self.at - time.monotonic()
@@ -160,6 +161,7 @@ class Control:
         self.client = client
         self.name = name
         self.rate = s.webhook_rate_limit_per_second
+        self.fallback = bool(s.webhook_fallback_url)
         self.breaker = s.webhook_breaker_failure_ratio > 0
         self.ratio = s.webhook_breaker_failure_ratio
         self.min_requests = s.webhook_breaker_min_requests
@@ -220,9 +222,12 @@ class Control:
                     if await self._paused():  # a Retry-After came while this one waited: its slot is let go
                         continue
                 return Ticket(probe=kind == "probe", at=at)
-            metrics.CONTROL_WAITS.labels(kind).inc()
             if kind == "open":
                 metrics.BREAKER_STATE.set(STATES["open"])
+            if self.fallback and kind in ("open", "half-open"):
+                metrics.FALLBACK_ATTEMPTS.inc()
+                return Ticket(fallback=True)
+            metrics.CONTROL_WAITS.labels(kind).inc()
             await asyncio.sleep((int(wait_ms) + random.randint(0, 50)) / 1000)
 
     async def _paused(self) -> bool:
@@ -233,6 +238,8 @@ class Control:
 
     async def report(self, ticket: Ticket, status: int | None, failed: bool, retry_after: float | None) -> None:
         """What the answer means for everyone: a pause (429/503 with Retry-After), a failure or a success."""
+        if ticket.fallback:
+            return  # the breaker and the pause are the primary's
         pause_ms = round(retry_after * 1000) if retry_after and status in (429, 503) else 0
         if pause_ms:
             self.local_pause = max(self.local_pause, time.monotonic() + pause_ms / 1000)

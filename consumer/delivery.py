@@ -85,7 +85,7 @@ class Deliveries:
             if ticket is not None:
                 await ticket.on_time()
             try:
-                outcome = await self.webhook.deliver(row, token)
+                outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
             except Exception as exc:
                 log.exception("message %d: delivery failed unexpectedly", message_id, extra={"message_id": message_id})
                 outcome = self.webhook.unexpected(row, token, exc)

@@ -22,6 +22,9 @@ BREAKER_STATE = Gauge(
     "consumer_webhook_breaker_state",
     "The webhook's circuit breaker as this consumer last saw it: 0 closed, 1 open, 2 half-open",
 )
+FALLBACK_ATTEMPTS = Counter(
+    "consumer_webhook_fallback_attempts_total", "Attempts sent to WEBHOOK_FALLBACK_URL while the breaker was open"
+)
 CONTROL_WAITS = Counter(
     "consumer_delivery_control_waits_total", "Deliveries told to wait before sending, by reason", ["reason"]
 )

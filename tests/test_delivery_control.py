@@ -20,7 +20,7 @@ from common.store import MessageStore
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, ready, start, wait_finished
 from tests.conftest import sql
-from tests.procs import Cluster, Service, StandIn, free_port, wait_for
+from tests.procs import ARTIFACTS, Cluster, Service, StandIn, free_port, wait_for
 from tests.test_rate_and_failover import most_in_any_window
 
 
@@ -204,3 +204,44 @@ async def _stats_breaker(port: int) -> dict[str, Any]:
     found = await answered()
     assert found is not None
     return found
+
+
+# --- the fallback provider ----------------------------------------------------------------------------------
+
+
+async def test_with_a_fallback_the_outage_goes_through_the_fallback_once(
+    request: pytest.FixtureRequest,
+    store: MessageStore,
+    settings: Settings,
+    cluster: Cluster,
+    standin: StandIn,
+    redis_client: Any,
+) -> None:
+    """The primary fails everything; once its breaker is open every delivery goes to the fallback (a second
+    stand-in), each message is accepted exactly once by one provider, the attempt log names the provider of
+    each attempt and the cached messageId is the one of the provider that accepted it."""
+    fallback = await StandIn(ARTIFACTS / f"{request.node.name}-fallback").start()
+    try:
+        ids = await insert(store, 60)
+        await standin.behave(fail_rate=1.0, fail_status=503)
+        env = {**BREAKER, "WEBHOOK_FALLBACK_URL": f"{fallback.url}/webhook", "WEBHOOK_FALLBACK_AUTH_KEY": "fb-key"}
+        consumers = [start(cluster, "consumer", **env) for _ in range(2)]
+        await wait_for(lambda: ready(*consumers), 30, "two consumers consuming")
+        start(cluster, "producer", SEND_BATCH_SIZE=100, SEND_INTERVAL_SECONDS=0.5)
+        await wait_finished(settings, 60)
+        primary_got, fallback_got = await standin.received(), await fallback.received()
+    finally:
+        fallback.close()
+    rows = await sql(settings, "SELECT id, status, remote_message_id FROM messages")
+    assert {int(r[0]) for r in rows if r[1] == "sent"} == set(ids), "every message sent"
+    accepted = {r["messageId"]: int(r["key"]) for r in fallback_got if r["status"] == 202}
+    assert not [r for r in primary_got if r["status"] == 202], "the primary accepted nothing"
+    assert sorted(accepted.values()) == sorted(ids), "each message accepted once, by the fallback"
+    assert all(r["auth"] == "fb-key" for r in fallback_got)
+    assert all(accepted.get(str(remote)) == int(i) for i, _, remote in rows), "remote id from the fallback"
+    attempts = await sql(settings, "SELECT message_id, provider, http_status, outcome FROM message_attempts")
+    assert {(p, s) for _, p, s, o in attempts} <= {("primary", 503), ("fallback", 202)}
+    assert sum(p == "fallback" for _, p, _, _ in attempts) == len(ids)
+    assert sum(p == "primary" for _, p, _, _ in attempts) == len(primary_got), "each attempt went to one provider"
+    for remote, message_id in accepted.items():
+        assert int(await redis_client.hget(f"{settings.redis_prefix}message:{remote}", "message_id")) == message_id
