@@ -100,6 +100,17 @@ class Consumer:
                 s.consumer_prefetch,
                 s.delivery_guarantee,
             )
+            if control.enabled or s.webhook_signing_secrets:
+                log.info(
+                    "delivery control: signing %s, rate limit %s, breaker %s, fallback %s",
+                    f"on ({len(s.signing_keys)} secrets)" if s.webhook_signing_secrets else "off",
+                    f"{s.webhook_rate_limit_per_second:g}/s over all consumers" if control.rate else "off",
+                    f"at {s.webhook_breaker_failure_ratio:g} of >= {s.webhook_breaker_min_requests} requests in"
+                    f" {s.webhook_breaker_window_seconds}s"
+                    if control.breaker
+                    else "off",
+                    "on" if control.fallback and control.breaker else "off",
+                )
             flusher = asyncio.get_running_loop().create_task(self.cache.flush_loop(stop))
             await stop.wait()
             await flusher
