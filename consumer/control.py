@@ -1,8 +1,8 @@
 """Delivery control shared by every consumer through Redis: one rate limit in total, one pause after a
 ``Retry-After``, one circuit breaker. Each decision is one Lua script (atomic on the server, one round trip).
 
-- The rate limit is GCRA: the key holds the theoretical arrival time (ms) of the next request; a request
-  reserves the next slot (``1000 / rate`` ms after the last) if it is at most :data:`HORIZON_MS` ahead, and
+- The rate limit is GCRA: the key holds the theoretical arrival time (µs) of the next request; a request
+  reserves the next slot (``1 / rate`` s after the last) if it is at most :data:`HORIZON_MS` ahead, and
   sleeps until it. However many consumers run, the requests leave at most ``rate`` per second.
 - A ``429`` or ``503`` with ``Retry-After`` sets a pause until then: every consumer's next request waits.
 - The breaker (Convoy's): failures (5xx, timeouts, connection errors) and requests are counted in buckets of
@@ -41,7 +41,7 @@ BUCKETS = 10  # of the breaker's window
 STATES = {"closed": 0, "open": 1, "half-open": 2}
 
 # KEYS: pause, breaker (hash), rate (tat), members (zset)
-# ARGV: interval_ms (0 = no limit), member, breaker on (0/1), probe lease ms
+# ARGV: interval µs (0 = no limit), member, breaker on (0/1), probe lease ms, poll ms, member ttl ms, horizon ms
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -70,10 +70,14 @@ if interval > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[6]))
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
   members = redis.call('ZCARD', KEYS[4])
-  local tat = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), now)
-  if tat - now > tonumber(ARGV[7]) then return {'rate', tat - now - tonumber(ARGV[7]), members, ''} end
-  redis.call('SET', KEYS[3], tat + interval, 'PX', tat + interval - now + 1000)
-  delay = tat - now
+  -- the slots in microseconds (a limit above 1000/s still has a spacing); written with %.0f, not tostring
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local horizon = tonumber(ARGV[7]) * 1000
+  local tat = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), now_us)
+  if tat - now_us > horizon then return {'rate', math.floor((tat - now_us - horizon) / 1000), members, ''} end
+  local ttl = math.floor((tat + interval - now_us) / 1000) + 1000
+  redis.call('SET', KEYS[3], string.format('%.0f', tat + interval), 'PX', ttl)
+  delay = math.floor((tat - now_us) / 1000)
 end
 if probe == 1 then
   redis.call('HSET', KEYS[2], 'state', 'half-open', 'probe_until', now + tonumber(ARGV[4]))
@@ -183,6 +187,10 @@ class Control:
     def enabled(self) -> bool:
         return self.rate > 0 or self.breaker
 
+    def admit_args(self) -> list[int | str]:
+        spacing_us = round(1_000_000 / self.rate) if self.rate > 0 else 0  # µs: above 1000/s too
+        return [spacing_us, self.name, int(self.breaker), self.probe_lease_ms, POLL_MS, MEMBER_TTL_MS, HORIZON_MS]
+
     async def admit(self) -> Ticket:
         """Wait until a request may go out: no pause, the breaker lets it, a rate slot reserved."""
         while True:
@@ -192,18 +200,7 @@ class Control:
                     return local
                 continue
             try:
-                kind, wait_ms, members, change = await self.admit_script(
-                    keys=self.keys,
-                    args=[
-                        round(1000 / self.rate) if self.rate > 0 else 0,
-                        self.name,
-                        int(self.breaker),
-                        self.probe_lease_ms,
-                        POLL_MS,
-                        MEMBER_TTL_MS,
-                        HORIZON_MS,
-                    ],
-                )
+                kind, wait_ms, members, change = await self.admit_script(keys=self.keys, args=self.admit_args())
             except (redis.RedisError, OSError) as exc:
                 local = await self._admit_locally(exc)
                 if local is not None:

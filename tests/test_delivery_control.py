@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from common.errors import SettingsError
 from common.settings import Settings
 from common.store import MessageStore
+from consumer.control import Control
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, ready, start, wait_finished
 from tests.conftest import sql
@@ -245,3 +246,19 @@ async def test_with_a_fallback_the_outage_goes_through_the_fallback_once(
     assert sum(p == "primary" for _, p, _, _ in attempts) == len(primary_got), "each attempt went to one provider"
     for remote, message_id in accepted.items():
         assert int(await redis_client.hget(f"{settings.redis_prefix}message:{remote}", "message_id")) == message_id
+
+
+async def test_a_limit_above_a_thousand_per_second_keeps_its_spacing(settings: Settings, redis_client: Any) -> None:
+    """The slots are spaced in microseconds: at 5,000/s, 30 requests asked for in one burst (a pipeline: the
+    server runs them back to back) get slots 0.2 ms apart, ~6 ms in all (a spacing in whole ms would be 0)."""
+    limited = Settings.from_env(
+        {"REDIS_PREFIX": settings.redis_prefix, "WEBHOOK_RATE_LIMIT_PER_SECOND": "5000"}, dotenv=None
+    )
+    control = Control(limited, redis_client, "test")
+    await control.admit()  # the script loaded
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for _ in range(30):
+            await control.admit_script(keys=control.keys, args=control.admit_args(), client=pipe)
+        answers = await pipe.execute()
+    delays = [int(a[1]) for a in answers]
+    assert delays == sorted(delays) and 4 <= delays[-1] <= 7, delays
