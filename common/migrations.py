@@ -205,6 +205,14 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
             "UPDATE messages SET failed_at = updated_at WHERE status = 'failed' AND failed_at IS NULL",
         ],
     ),
+    (
+        7,
+        "which provider took each attempt (WEBHOOK_FALLBACK_URL)",
+        [
+            # 'primary' or 'fallback'; NULL for the attempts made before this version (all to the primary).
+            "ALTER TABLE message_attempts ADD COLUMN provider VARCHAR(16) NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

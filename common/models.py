@@ -105,6 +105,8 @@ class Outcome:
     error: str | None = None
     remote_message_id: str | None = None
     next_attempt_at: dt.datetime | None = None
+    retry_after: float | None = None  # seconds the service asked for (Retry-After), for the shared pause
+    provider: str = "primary"  # which notification service took the attempt: primary | fallback
 
     @property
     def duration_ms(self) -> int:

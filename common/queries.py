@@ -17,7 +17,7 @@ from common.models import Status
 
 MESSAGE_COLUMNS = "id, recipient, content, status, remote_message_id, attempts, created_at, sent_at"
 DETAIL_COLUMNS = MESSAGE_COLUMNS + ", last_error, next_attempt_at, queued_at, updated_at"
-ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms"
+ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms, provider"
 
 Row = dict[str, Any]
 _EPOCH = dt.datetime(1970, 1, 1)

@@ -6,6 +6,8 @@ raises :class:`~common.errors.SettingsError` whose message is one line naming th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import math
@@ -181,6 +183,14 @@ class Settings:
     webhook_url: Secret = Secret("http://127.0.0.1:8081/webhook")  # a capability: see mask_webhook_url
     webhook_auth_key: Secret = Secret("")
     webhook_timeout_seconds: float = 10.0
+    webhook_signing_secrets: Secret = Secret("")  # "whsec_<base64> ..." (see signing_keys)
+    webhook_rate_limit_per_second: float = 0.0  # requests/s to the webhook across all consumers (0 = no limit)
+    webhook_breaker_failure_ratio: float = 0.0  # share of failures that opens the breaker (0 = no breaker)
+    webhook_breaker_min_requests: int = 20
+    webhook_breaker_window_seconds: int = 30
+    webhook_breaker_cooldown_seconds: float = 30.0
+    webhook_fallback_url: Secret = Secret("")  # used while the primary's breaker is open (empty: none)
+    webhook_fallback_auth_key: Secret = Secret("")
     send_interval_seconds: float = 120.0
     send_batch_size: int = 2
     max_attempts: int = 5
@@ -220,6 +230,11 @@ class Settings:
                 raise SettingsError(f"{name}={shown} is invalid: {exc}") from None
             values[f.name] = Secret(value) if f.type == "Secret" else value
         return cls(**values)
+
+    @property
+    def signing_keys(self) -> list[bytes]:
+        """The decoded keys of ``WEBHOOK_SIGNING_SECRETS``, in the order given (validated at start)."""
+        return [_signing_key(part) for part in self.webhook_signing_secrets.reveal().split()]
 
     @property
     def is_at_least_once(self) -> bool:
@@ -270,6 +285,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_url": _url(("http", "https")),
     "api_token": _api_token,
     "webhook_timeout_seconds": _float(0, strict=True, hi=HOUR),
+    "webhook_signing_secrets": lambda raw: _signing_secrets(raw),
+    "webhook_fallback_url": lambda raw: _url(("http", "https"))(raw) if raw.strip() else "",
+    "webhook_rate_limit_per_second": _float(0, hi=100_000),
+    "webhook_breaker_failure_ratio": _float(0, hi=1),
+    "webhook_breaker_min_requests": _int(1, 1_000_000),
+    "webhook_breaker_window_seconds": _int(1, HOUR),
+    "webhook_breaker_cooldown_seconds": _float(0, strict=True, hi=DAY),
     "send_interval_seconds": _float(0, strict=True, hi=DAY),
     "send_batch_size": _int(1, 100_000),
     "max_attempts": _int(1, 1000),
@@ -288,6 +310,29 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, upper=True),
     "log_format": _choice(LOG_FORMATS),
 }
+
+
+SIGNING_PREFIX = "whsec_"
+
+
+def _signing_key(part: str) -> bytes:
+    """The key of one ``whsec_<base64>`` secret (the Standard Webhooks form); ValueError without the value."""
+    if not part.startswith(SIGNING_PREFIX):
+        raise ValueError(f"each secret must look like {SIGNING_PREFIX}<base64>")
+    try:
+        key = base64.b64decode(part.removeprefix(SIGNING_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the part after {SIGNING_PREFIX} must be base64") from None
+    if len(key) < 16:
+        raise ValueError("each secret must hold at least 16 bytes (24 base64 characters)")
+    return key
+
+
+def _signing_secrets(raw: str) -> str:
+    """Secrets separated by spaces, so a new one can be added before the old one is removed (rotation)."""
+    for part in raw.split():
+        _signing_key(part)
+    return " ".join(raw.split())
 
 
 def _nonempty(raw: str) -> str:

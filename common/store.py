@@ -521,12 +521,14 @@ class MessageStore(MessageQueries):
         if outcomes:
             statements.append(
                 "INSERT INTO message_attempts"
-                " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms) VALUES "
-                + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
+                " (message_id, attempt, started_at, finished_at, outcome, http_status, error, duration_ms, provider)"
+                " VALUES "
+                + ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
                 + " ON DUPLICATE KEY UPDATE id = id"  # the same attempt twice is one attempt
             )
             for o in outcomes:
                 args += [o.id, o.attempt, o.started_at, o.finished_at, o.kind, o.http_status, o.error, o.duration_ms]
+                args.append(o.provider)
 
     async def record_unrecordable(self, outcome: Outcome, reason: str) -> bool:
         """The last resort for an outcome that cannot be written (e.g. a value out of the column's range): mark

@@ -28,6 +28,7 @@ from common.settings import Settings
 from common.store import MessageStore, Recorded
 from consumer import metrics
 from consumer.cachewriter import CacheWriter, Entry
+from consumer.control import Control, Ticket
 from consumer.webhook import Webhook
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,15 @@ DeadLetter = Callable[[Outcome, Delivery], Awaitable[None]]
 
 class Deliveries:
     def __init__(
-        self, settings: Settings, store: MessageStore, webhook: Webhook, cache: CacheWriter, dead_letter: DeadLetter
+        self,
+        settings: Settings,
+        store: MessageStore,
+        webhook: Webhook,
+        cache: CacheWriter,
+        dead_letter: DeadLetter,
+        control: Control | None = None,
     ) -> None:
+        self.control = control if control is not None and control.enabled else None
         self.store = store
         self.webhook = webhook
         self.cache = cache
@@ -60,6 +68,8 @@ class Deliveries:
         """Take one id through the steps above; False if the id is unknown (no such row)."""
         token = secrets.randbits(63)  # kept across retries of the statement: a lost answer cannot hide a won row
         async with self.slots:
+            # Delivery control waits here, before the compare-and-set: a waiting message spends no attempt.
+            ticket = await self.control.admit() if self.control is not None else None
             row = await self._persist(lambda: self.starts.submit((message_id, token)), "compare-and-set")
             if row is None:
                 return False
@@ -72,13 +82,26 @@ class Deliveries:
                     extra={"message_id": message_id},
                 )
                 return True
+            if ticket is not None:
+                await ticket.on_time()
             try:
-                outcome = await self.webhook.deliver(row, token)
+                outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
             except Exception as exc:
                 log.exception("message %d: delivery failed unexpectedly", message_id, extra={"message_id": message_id})
                 outcome = self.webhook.unexpected(row, token, exc)
+            if ticket is not None:
+                await self._report(ticket, outcome)
         await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
         return True
+
+    async def _report(self, ticket: Ticket, outcome: Outcome) -> None:
+        assert self.control is not None
+        status = outcome.http_status
+        failed = outcome.kind != "sent" and (status is None or status >= 500)
+        try:
+            await self.control.report(ticket, status, failed, outcome.retry_after)
+        except Exception:  # the outcome must be committed whatever happens to the report
+            log.exception("message %d: delivery control report failed", outcome.id, extra={"message_id": outcome.id})
 
     async def close(self) -> None:
         await self.starts.aclose()

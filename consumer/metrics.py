@@ -18,3 +18,13 @@ BATCH_SIZE = Histogram(
 CACHE_ERRORS = Counter("consumer_cache_errors_total", "Redis writes that failed (entries kept for a retry)")
 INFLIGHT = Gauge("consumer_inflight_deliveries", "AMQP deliveries being handled right now")
 CACHE_BACKLOG = Gauge("consumer_cache_backlog", "Cache entries held back while Redis is down")
+BREAKER_STATE = Gauge(
+    "consumer_webhook_breaker_state",
+    "The webhook's circuit breaker as this consumer last saw it: 0 closed, 1 open, 2 half-open",
+)
+FALLBACK_ATTEMPTS = Counter(
+    "consumer_webhook_fallback_attempts_total", "Attempts sent to WEBHOOK_FALLBACK_URL while the breaker was open"
+)
+CONTROL_WAITS = Counter(
+    "consumer_delivery_control_waits_total", "Deliveries told to wait before sending, by reason", ["reason"]
+)

@@ -29,6 +29,7 @@ from common.settings import Settings
 from common.store import MessageStore
 from consumer import metrics
 from consumer.cachewriter import CacheWriter
+from consumer.control import Control
 from consumer.delivery import Deliveries
 from consumer.webhook import Webhook
 
@@ -89,7 +90,10 @@ class Consumer:
             self.topology = await topology.open_channel(
                 consuming, prefetch=s.consumer_prefetch, queue_type=s.amqp_queue_type
             )
-            self.deliveries = Deliveries(s, MessageStore(pool), Webhook(s, session), self.cache, self._dead_letter_copy)
+            control = Control(s, client, self.name)
+            self.deliveries = Deliveries(
+                s, MessageStore(pool), Webhook(s, session), self.cache, self._dead_letter_copy, control
+            )
             stack.push_async_callback(self.deliveries.close)  # before the pool and the session close
             tag = await self.topology.dispatch_queue.consume(self._on_message)
             self.ready = True
@@ -100,6 +104,17 @@ class Consumer:
                 s.consumer_prefetch,
                 s.delivery_guarantee,
             )
+            if control.enabled or s.webhook_signing_secrets:
+                log.info(
+                    "delivery control: signing %s, rate limit %s, breaker %s, fallback %s",
+                    f"on ({len(s.signing_keys)} secrets)" if s.webhook_signing_secrets else "off",
+                    f"{s.webhook_rate_limit_per_second:g}/s over all consumers" if control.rate else "off",
+                    f"at {s.webhook_breaker_failure_ratio:g} of >= {s.webhook_breaker_min_requests} requests in"
+                    f" {s.webhook_breaker_window_seconds}s"
+                    if control.breaker
+                    else "off",
+                    "on" if control.fallback and control.breaker else "off",
+                )
             flusher = asyncio.get_running_loop().create_task(self.cache.flush_loop(stop))
             await stop.wait()
             await flusher

@@ -16,6 +16,7 @@ Error texts are built from parts that cannot carry the webhook's URL (a webhook.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -36,6 +37,7 @@ from common.models import Delivery, Outcome, outcome_unknown, utcnow
 from common.settings import Settings
 from consumer import metrics
 from consumer.policy import is_retryable_status, next_attempt_delay, parse_retry_after
+from consumer.signing import Signer, webhook_id
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,12 @@ class Webhook:
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()
+        self.fallback_url = settings.webhook_fallback_url.reveal()
+        self.fallback_headers = {"Content-Type": "application/json"}
+        if settings.webhook_fallback_auth_key:
+            self.fallback_headers["x-ins-auth-key"] = settings.webhook_fallback_auth_key.reveal()
+        keys = settings.signing_keys
+        self.signer = Signer(keys) if keys else None
 
     @staticmethod
     def open_session(settings: Settings) -> aiohttp.ClientSession:
@@ -138,18 +146,28 @@ class Webhook:
             trace_configs=[_tracer()],
         )
 
-    async def deliver(self, row: Delivery, token: int) -> Outcome:
+    async def deliver(self, row: Delivery, token: int, fallback: bool = False) -> Outcome:
+        """One attempt, to the primary or (``fallback``: while the primary's breaker is open) the fallback
+        provider, never both: the attempt's outcome (and its ``messageId``) is that provider's."""
+        outcome = await self._deliver(row, token, fallback)
+        return dataclasses.replace(outcome, provider="fallback") if fallback else outcome
+
+    async def _deliver(self, row: Delivery, token: int, fallback: bool) -> Outcome:
         attempt = row.attempts + 1
         started, t0 = utcnow(), time.perf_counter()
         progress = Progress()
         status: int | None = None
         retry_after: float | None = None
         location: str | None = None
+        payload = orjson.dumps({"to": row.recipient, "content": row.content})
+        headers = {**(self.fallback_headers if fallback else self.headers), "Idempotency-Key": str(row.id)}
+        if self.signer is not None:
+            headers.update(self.signer.headers(webhook_id(row.id), payload))
         try:
             async with self.session.post(
-                self.url,
-                data=orjson.dumps({"to": row.recipient, "content": row.content}),
-                headers={**self.headers, "Idempotency-Key": str(row.id)},
+                self.fallback_url if fallback else self.url,
+                data=payload,
+                headers=headers,
                 allow_redirects=False,
                 trace_request_ctx=progress,
             ) as resp:
@@ -243,6 +261,7 @@ class Webhook:
             status,
             error=_cut(error),
             next_attempt_at=finished + dt.timedelta(seconds=delay),
+            retry_after=retry_after,
         )
 
 

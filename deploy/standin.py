@@ -16,7 +16,8 @@ requests, through the environment at start (``STANDIN_DELAY_MS``, ``STANDIN_FAIL
   ``huge`` (a body of that many bytes), ``headers`` (extra response headers, any values), ``chunks`` (a body
   written piece by piece: ``[[delay_ms, text], ...]``, chunked)), ``mix`` (a list of ``[weight, answer]``
   pairs: when no script is left, each request draws one of these answers at random instead of the rates above).
-- ``GET /_control/received`` (``?keys=1`` for just the Idempotency-Keys), ``GET /_control/stats``,
+- ``GET /_control/received`` (``?keys=1`` for just the Idempotency-Keys; a signed request also keeps its raw
+  body and its ``webhook-*`` headers), ``GET /_control/stats``,
   ``POST /_control/reset``, ``GET /_control/health``.
 """
 
@@ -49,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "auth_key": "",
     "mix": None,
 }
+
+
+SIGNING_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 
 class StandIn:
@@ -88,6 +92,9 @@ class StandIn:
             "auth": request.headers.get("x-ins-auth-key"),
             "at": time.time(),
         }
+        if "webhook-signature" in request.headers:  # signed: keep what a verifier needs (exact bytes)
+            record["raw"] = raw.decode("utf-8", "replace")
+            record["signing"] = {h: request.headers.get(h, "") for h in SIGNING_HEADERS}
         self.received.append(record)
         self.by_key[key] += 1
         if answer.get("delay_ms"):

@@ -38,6 +38,7 @@ DETAIL_EXAMPLE = {
             "http_status": 202,
             "error": None,
             "duration_ms": 240,
+            "provider": "primary",
         }
     ],
 }
@@ -66,6 +67,12 @@ class AttemptSchema(Schema):
     http_status = fields.Integer(required=True, allow_none=True)
     error = fields.String(required=True, allow_none=True)
     duration_ms = fields.Integer(required=True)
+    provider = fields.String(
+        required=True,
+        allow_none=True,
+        validate=validate.OneOf(["primary", "fallback"]),
+        metadata={"description": "Which notification service took the attempt (null: made before it was recorded)."},
+    )
 
 
 class MessageDetailSchema(MessageSchema):

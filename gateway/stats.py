@@ -26,9 +26,10 @@ from aiohttp import web
 from marshmallow import Schema, fields
 
 from common import db, topology
+from common.cache import read_breaker
 from gateway.errors import error_responses
 from gateway.httputil import ApiError, json_response
-from gateway.keys import AMQP, METRICS, MYSQL, STORE
+from gateway.keys import AMQP, METRICS, MYSQL, REDIS, SETTINGS, STORE
 from gateway.spec import docs
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ async def _costly(app: web.Application, deadline: float) -> dict[str, Any]:
     }
 
 
+async def _off() -> dict[str, str | None]:
+    return {"state": "off", "failing_since": None, "until": None}
+
+
 def _stale(taken_at: float) -> bool:
     return time.monotonic() - taken_at >= CACHE_SECONDS
 
@@ -137,12 +142,16 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
     state = app[METRICS].state
     store = app[STORE]
     deadline = asyncio.get_running_loop().time() + SNAPSHOT_TIMEOUT_SECONDS
-    costly, dispatch, sent_total = await asyncio.gather(
+    settings = app[SETTINGS]
+    costly, dispatch, sent_total, breaker = await asyncio.gather(
         _refresh(app, deadline),
         _section(app, "dispatch state", store.dispatch_state(), deadline),
         _section(app, "sent total", store.sent_total(), deadline),
+        _section(app, "breaker", read_breaker(app[REDIS], settings.redis_prefix), deadline)
+        if settings.webhook_breaker_failure_ratio > 0
+        else _off(),
     )
-    body: dict[str, Any] = {"sent_total": sent_total, **costly}
+    body: dict[str, Any] = {"sent_total": sent_total, **costly, "breaker": breaker}
     fields_ = ("sending", "changed_at", "leader", "last_tick_at")
     body.update({k: dispatch[k] for k in fields_} if dispatch else dict.fromkeys(fields_))
     state.latest = body
@@ -175,6 +184,17 @@ class LatencySchema(Schema):
     window = fields.String(required=True, metadata={"description": "The sample: the most recently sent messages."})
 
 
+class BreakerSchema(Schema):
+    state = fields.String(
+        required=True,
+        metadata={"description": "The webhook's circuit breaker: off (not configured), closed, open, half-open."},
+    )
+    failing_since = fields.DateTime(
+        required=True, allow_none=True, metadata={"description": "When it opened (the notification service failing)."}
+    )
+    until = fields.DateTime(required=True, allow_none=True, metadata={"description": "When the next probe may go."})
+
+
 class StatsSchema(Schema):
     counts = fields.Nested(CountsSchema, required=True, metadata={"description": "Messages by status."})
     sent_total = fields.Integer(required=True, metadata={"description": "Messages sent (a maintained counter)."})
@@ -189,6 +209,9 @@ class StatsSchema(Schema):
     latency_ms = fields.Nested(
         LatencySchema, required=True, metadata={"description": "Claim (queued_at) to sent (sent_at) time."}
     )
+    breaker = fields.Nested(
+        BreakerSchema, required=True, allow_none=True, metadata={"description": "Null while Redis is unreachable."}
+    )
 
 
 STATS_EXAMPLE = {
@@ -201,6 +224,11 @@ STATS_EXAMPLE = {
     "queues": {"dispatch": 0, "dead_letter": 3},
     "throughput": {"sent_last_minute": 1, "per_second": 0.017},
     "latency_ms": {"p50": 41.3, "p99": 118.0, "window": f"last {LATENCY_WINDOW} sent"},
+    "breaker": {
+        "state": "open",
+        "failing_since": "2024-05-01T12:01:30.000000Z",
+        "until": "2024-05-01T12:02:30.000000Z",
+    },
 }
 
 

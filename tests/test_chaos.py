@@ -776,3 +776,51 @@ async def test_12_webhook_slower_than_the_timeout(
         assert acc.sent and all(acc.arrivals[i] > 1 for i in acc.duplicated)
     assert all(acc.arrivals[i] == 1 for i in set(acc.arrivals) - slow)
     assert_quiet(consumer)
+
+
+# --- 13. Redis down while the shared rate limit and the breaker are in use --------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.private("redis")
+async def test_13_limiter_and_breaker_without_redis(
+    size: str, store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn, private_redis: PrivateServer
+) -> None:
+    """Two consumers share 20 requests/s and a breaker through Redis; Redis goes away. Sending goes on at each
+    consumer's share (10/s each: never above the limit in total), each consumer says so once in its log, and
+    when Redis is back the shared limit takes over again. Every row ends sent, each accepted once."""
+    from tests.test_rate_and_failover import most_in_any_window
+
+    rate = 20
+    n = pick(size, 300, 900)
+    ids = await insert(store, n)
+    control = {
+        "WEBHOOK_RATE_LIMIT_PER_SECOND": rate,
+        "WEBHOOK_BREAKER_FAILURE_RATIO": 0.5,
+        "WEBHOOK_BREAKER_MIN_REQUESTS": 10,
+    }
+    consumers = [start(cluster, "consumer", **control) for _ in range(2)]
+    await wait_for(lambda: ready(*consumers), 30, "two consumers consuming")
+    start(cluster, "producer", SEND_BATCH_SIZE=n, SEND_INTERVAL_SECONDS=0.5)
+    await wait_sent(settings, n // 6)
+    async with outage(private_redis) as server:
+        down_at = time.time()
+
+        async def sending_on() -> bool:
+            return sum(float(r["at"]) > down_at + 1 for r in await standin.received()) >= 2 * rate
+
+        await wait_for(sending_on, 30, "sending to go on without Redis")
+        await server.start()
+        up_at = time.time()
+    await wait_finished(settings, pick(size, 60, 120))
+    acc = await assert_accounting(settings, standin)
+    assert acc.sent == set(ids)
+    arrivals = [float(r["at"]) for r in await standin.received()]
+    during = [t for t in arrivals if down_at + 1 < t < up_at]
+    assert during, "nothing was sent while Redis was down"
+    assert most_in_any_window(during, 1.0) <= rate * 1.1 + 1, "above the limit while Redis was down"
+    assert most_in_any_window(arrivals, 1.0) <= rate * 1.1 + 1
+    for c in consumers:
+        assert_quiet(c, r"Redis unreachable", at_most=2)
+        assert logged(c, "the rate limit falls back to this consumer's share, 10.00/s (20/s over 2 consumers)")
+    alive(*consumers)

@@ -269,7 +269,9 @@ async def test_message_detail_has_its_attempts(client: Client, store: MessageSto
         "http_status",
         "error",
         "duration_ms",
+        "provider",
     }
+    assert {a["provider"] for a in body["attempt_log"]} == {"primary"}
 
 
 async def test_missing_or_malformed_message_id(client: Client) -> None:

@@ -109,6 +109,8 @@
       }
     }
     if (typeof stats.sending === "boolean") renderSwitch(stats.sending);
+    const breaker = stats.breaker;
+    $("#breaker").hidden = !(breaker && (breaker.state === "open" || breaker.state === "half-open"));
     pages.failed.total = Number(path(stats, "counts.failed") || 0);
   }
 
