@@ -35,6 +35,14 @@ _SENT_JSON = (
 _FILTERED_JSON = _SENT_JSON.removesuffix(")") + f", 'send_at', DATE_FORMAT(send_at, {_ISO}), 'priority', priority)"
 
 
+# A created message as POST /messages/batch answers it: the detail without the attempts.
+_CREATED_JSON = _FILTERED_JSON.removesuffix(")") + (
+    ", 'last_error', last_error"
+    f", 'next_attempt_at', DATE_FORMAT(next_attempt_at, {_ISO}), 'queued_at', DATE_FORMAT(queued_at, {_ISO})"
+    f", 'updated_at', DATE_FORMAT(updated_at, {_ISO}), 'cancelled_at', DATE_FORMAT(cancelled_at, {_ISO}))"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class FilteredPage:
     total: int  # the messages that match the filter
@@ -105,16 +113,16 @@ class MessageQueries:
             row["attempt_log"] = list(await cur.fetchall())
             return row
 
-    async def get_many(self, ids: list[int]) -> list[Row]:
-        """The rows of ``ids`` (without their attempts), in the order of ``ids``; missing ones left out."""
+    async def created_json(self, ids: list[int]) -> str:
+        """The rows of ``ids`` (ascending, as a create makes them) as a JSON array of their details without the
+        attempts, built by the database (``JSON_OBJECT``: no per-column decoding of a thousand rows here)."""
         if not ids:
-            return []
-        async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+            return "[]"
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {DETAIL_COLUMNS} FROM messages WHERE id IN ({', '.join(['%s'] * len(ids))})", ids
+                f"SELECT {_CREATED_JSON} FROM messages WHERE id IN ({', '.join(['%s'] * len(ids))}) ORDER BY id", ids
             )
-            found = {int(r["id"]): r for r in await cur.fetchall()}
-        return [found[i] for i in ids if i in found]
+            return "[" + ",".join(r[0] for r in await cur.fetchall()) + "]"
 
     async def sent_page(self, limit: int, offset: int = 0, after: tuple[int, int] | None = None) -> SentPage:
         """A page of sent messages, newest first, already as a JSON array, with the total, in one round trip.

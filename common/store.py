@@ -88,6 +88,10 @@ class NewMessage:
     send_at: dt.datetime | None = None
     priority: str = "normal"
 
+    def due(self, now: dt.datetime) -> dt.datetime:
+        """Its ``send_at`` as stored: a past one (or none) means now."""
+        return now if self.send_at is None or self.send_at < now else self.send_at
+
 
 @dataclass(frozen=True, slots=True)
 class Idempotency:
@@ -103,6 +107,7 @@ class Created:
 
     ids: list[int]
     replayed: bool
+    at: dt.datetime | None  # the created_at (and updated_at) of every row made now; None when replayed
 
 
 class _KeyTaken(Exception):
@@ -183,6 +188,7 @@ class MessageStore(MessageQueries):
         fingerprint (a different body) it raises :class:`IdempotencyConflict`."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             for _ in range(3):
+                counted = False
                 await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 await conn.begin()
                 try:
@@ -190,34 +196,44 @@ class MessageStore(MessageQueries):
                         found = await self._claim_key(cur, conn, idempotency)
                         if found is not None:
                             await conn.commit()
-                            return Created(found, replayed=True)
+                            return Created(found, replayed=True, at=None)
                     ids: list[int] = []
-                    await cur.execute("SELECT @@auto_increment_increment")
-                    (step,) = await cur.fetchone()
+                    # One time for every row (created_at = updated_at = now), the counts in one statement.
+                    await cur.execute(
+                        "SET @message_sender_counted = 1; SELECT UTC_TIMESTAMP(6), @@auto_increment_increment"
+                    )
+                    await cur.nextset()
+                    now, step = await cur.fetchone()
+                    counted = True
                     for start in range(0, len(items), INSERT_CHUNK):
                         chunk = items[start : start + INSERT_CHUNK]
                         await cur.execute(
-                            "INSERT INTO messages (recipient, content, send_at, priority) VALUES "
-                            + ", ".join(
-                                ["(%s, %s, GREATEST(COALESCE(%s, UTC_TIMESTAMP(6)), UTC_TIMESTAMP(6)), %s)"]
-                                * len(chunk)
-                            ),
-                            [v for m in chunk for v in (m.recipient, m.content, m.send_at, m.priority)],
+                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at)"
+                            " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(chunk)),
+                            [v for m in chunk for v in (m.recipient, m.content, m.due(now), m.priority, now, now)],
                         )
                         # One multi-row INSERT takes consecutive auto-increment values (a "simple insert").
                         first = int(cur.lastrowid)
                         ids += [first + i * int(step) for i in range(len(chunk))]
+                    await cur.execute("SET @message_sender_counted = NULL")
+                    counted = False
+                    await cur.execute(*_moved({"pending": len(ids)}))
                     if idempotency is not None:
                         await cur.execute(
                             "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s",
                             (orjson.dumps(ids).decode(), idempotency.key),
                         )
                     await conn.commit()
-                    return Created(ids, replayed=False)
+                    return Created(ids, replayed=False, at=now)
                 except _KeyTaken:
                     await _rollback(conn)  # an expired key was removed by another request meanwhile: again
                 except BaseException:
                     await _rollback(conn)
+                    if counted:  # the pooled connection must not keep skipping the trigger
+                        try:
+                            await cur.execute("SET @message_sender_counted = NULL")
+                        except Exception:
+                            conn.close()
                     raise
         raise RuntimeError(f"the idempotency key {idempotency and idempotency.key!r} kept changing hands")
 

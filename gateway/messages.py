@@ -245,7 +245,6 @@ async def create_message(request: web.Request) -> web.Response:
     return json_response(detail(row), status=200 if replayed else 201, headers={"Location": f"/messages/{message_id}"})
 
 
-BATCH_ITEM_FIELDS = tuple(f for f in DETAIL_FIELDS if f != "attempt_log")
 BATCH_EXAMPLE = {
     "messages": [
         {
@@ -319,10 +318,33 @@ async def create_batch(request: web.Request) -> web.Response:
             {"field": "messages", "errors": listing},
         ) from None
     store = request.app[STORE]
-    created = await store.create_messages([_new_message(m) for m in payload["messages"]], _idempotency(request, data))
-    rows = await store.get_many(created.ids)
-    body = {"messages": [{name: row[name] for name in BATCH_ITEM_FIELDS} for row in rows]}
-    return json_response(body, status=200 if created.replayed else 201)
+    items = [_new_message(m) for m in payload["messages"]]
+    created = await store.create_messages(items, _idempotency(request, data))
+    if created.at is None:  # replayed: the rows as they are now
+        rows = await store.created_json(sorted(created.ids))
+        return web.Response(text='{"messages":' + rows + "}", content_type="application/json")
+    at = created.at
+    body = [
+        {
+            "id": i,
+            "recipient": m.recipient,
+            "content": m.content,
+            "status": "pending",
+            "remote_message_id": None,
+            "attempts": 0,
+            "created_at": at,
+            "sent_at": None,
+            "send_at": m.due(at),
+            "priority": m.priority,
+            "last_error": None,
+            "next_attempt_at": None,
+            "queued_at": None,
+            "updated_at": at,
+            "cancelled_at": None,
+        }
+        for i, m in zip(created.ids, items, strict=True)
+    ]
+    return json_response({"messages": body}, status=201)
 
 
 @docs(

@@ -9,10 +9,12 @@ import time
 from typing import Any
 
 import aiomysql
+import pymysql
 import pytest
 from aiohttp.test_utils import TestClient
 
 from common.db import connect_kwargs, create_pool
+from common.migrations import migrate
 from common.models import utcnow
 from common.queries import filtered_sql
 from common.settings import Settings
@@ -297,7 +299,9 @@ async def test_send_at_with_an_offset_and_priority_are_stored(client: Client) ->
 # --- POST /messages/batch -----------------------------------------------------------------------------
 
 
-async def test_a_batch_of_1000_is_created_in_order_in_under_a_second(client: Client, settings: Settings) -> None:
+async def test_a_batch_of_1000_is_created_in_order_in_under_a_second(
+    client: Client, settings: Settings, store: MessageStore
+) -> None:
     items = [{"recipient": f"+9055520{i:05d}", "content": f"bulk {i}"} for i in range(1000)]
     items[7]["priority"] = "high"
     started = time.perf_counter()
@@ -312,6 +316,27 @@ async def test_a_batch_of_1000_is_created_in_order_in_under_a_second(client: Cli
     rows = await sql(settings, "SELECT id, recipient FROM messages ORDER BY id")
     assert [(r[0], r[1]) for r in rows] == [(m["id"], m["recipient"]) for m in created]
     assert took < 1.0, f"{took:.3f} s"
+    # The batch counts its rows in one statement; rows inserted by hand are still counted by the trigger.
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905551111111', 'by hand')")
+    assert (await store.counts_by_status())["pending"] == 1001
+    assert await store.recount() == {**dict.fromkeys(await store.counts_by_status(), 0), "pending": 1001}
+
+
+async def test_a_failed_batch_insert_leaves_its_connection_counting(settings: Settings) -> None:
+    """A batch the database refuses (a recipient its CHECK rejects, past the API's validation) creates nothing,
+    and the pooled connection it used counts the next hand-style insert again."""
+    pool = await create_pool(settings, maxsize=1)
+    try:
+        await migrate(pool)
+        store = MessageStore(pool)
+        with pytest.raises(pymysql.err.OperationalError):
+            await store.create_messages([NewMessage("+905551111111", "ok"), NewMessage("+90 bad", "no")])
+        await store.create("+905551111112", "counted")
+        assert (await store.counts_by_status())["pending"] == 1
+        assert await sql(settings, "SELECT COUNT(*) FROM messages") == [(1,)]
+    finally:
+        pool.close()
+        await pool.wait_closed()
 
 
 async def test_a_batch_with_three_bad_items_lists_them_and_creates_nothing(client: Client, settings: Settings) -> None:
