@@ -717,13 +717,13 @@ class MessageStore(MessageQueries):
                 await _rollback(conn)
                 raise
 
-    async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int]:
+    async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int, int]:
         """One retention batch: up to ``limit`` ``sent`` rows sent, up to ``limit`` ``failed`` rows failed and
         up to ``limit`` ``cancelled`` rows cancelled more than ``days`` ago, oldest first, with their attempt
         rows and their counts, in one short transaction (index ranges of ``ix_messages_sent``,
         ``ix_messages_failed_at`` and ``ix_messages_cancelled_at``; rows in use are skipped, not waited for).
         Removing the oldest sent rows keeps offsets and cursors of the sent list right: the numbering of the
-        others does not move. Returns ``(sent, failed + cancelled)`` removed."""
+        others does not move. Returns ``(sent, failed, cancelled)`` removed."""
         cutoff = "UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
         age = _micros(days * 86400)
         async with self.pool.acquire() as conn, conn.cursor() as cur:
@@ -757,7 +757,7 @@ class MessageStore(MessageQueries):
                         *_moved({"sent": -len(sent), "failed": -len(failed), "cancelled": -len(cancelled)})
                     )
                 await conn.commit()
-                return len(sent), len(failed) + len(cancelled)
+                return len(sent), len(failed), len(cancelled)
             except BaseException:
                 await _rollback(conn)
                 raise

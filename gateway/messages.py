@@ -29,6 +29,7 @@ from gateway.message_schemas import (
     parse_send_at,
 )
 from gateway.paging import (
+    MASK_DESCRIPTION,
     MAX_LIMIT,
     MAX_OFFSET,
     NEXT_EXAMPLE,
@@ -49,6 +50,24 @@ ID_PARAMETER = {
     "minimum": 1,
     "maximum": MAX_ID,
 }
+
+
+MASK_PARAMETER = {
+    "in": "query",
+    "name": "mask",
+    "required": False,
+    "type": "string",
+    "enum": ["true", "false"],
+    "description": MASK_DESCRIPTION + " (what the dashboard asks for).",
+}
+
+
+def _answer(request: web.Request, row: dict[str, Any]) -> web.Response:
+    """A message's detail, its recipient masked when the request says ``mask=true``."""
+    body = detail(row)
+    if query_bool(request.query, "mask"):
+        body["recipient"] = mask_recipient(body["recipient"])
+    return json_response(body)
 
 
 FORCE_PARAMETER = {
@@ -373,10 +392,12 @@ async def create_batch(request: web.Request) -> web.Response:
         },
         **error_responses(401, 403, 404, 409, 422, 503),
     },
-    parameters=[ID_PARAMETER],
+    parameters=[ID_PARAMETER, MASK_PARAMETER],
 )
 async def cancel_message(request: web.Request) -> web.Response:
-    return json_response(detail(await request.app[STORE].cancel(_message_id(request))))
+    message_id = _message_id(request)
+    query_bool(request.query, "mask")  # a bad value is a 422 before anything changes
+    return _answer(request, await request.app[STORE].cancel(message_id))
 
 
 @docs(
@@ -416,14 +437,15 @@ async def get_message(request: web.Request) -> web.Response:
         },
         **error_responses(401, 403, 404, 409, 422, 503),
     },
-    parameters=[ID_PARAMETER, FORCE_PARAMETER],
+    parameters=[ID_PARAMETER, FORCE_PARAMETER, MASK_PARAMETER],
 )
 async def retry_message(request: web.Request) -> web.Response:
     message_id = _message_id(request)
     raw = request.query.get("force", "false")
     if raw not in ("true", "false"):
         raise invalid("force", "must be true or false", value=raw[:100])
-    return json_response(detail(await request.app[STORE].retry_failed(message_id, force=raw == "true")))
+    query_bool(request.query, "mask")  # a bad value is a 422 before anything changes
+    return _answer(request, await request.app[STORE].retry_failed(message_id, force=raw == "true"))
 
 
 def add_routes(app: web.Application) -> None:

@@ -431,7 +431,7 @@
     if (unknown && !window.confirm(question)) return;
     button.disabled = true;
     try {
-      const response = await authorized("POST", `/messages/${id}/retry${unknown ? "?force=true" : ""}`);
+      const response = await authorized("POST", `/messages/${id}/retry?mask=true${unknown ? "&force=true" : ""}`);
       if (!response) return;
       if (!response.ok) return notice(`Could not retry message ${id}: ${await errorText(response)}`, true);
       notice(`Message ${id} is pending again; it goes out in a coming batch.`);
@@ -446,7 +446,7 @@
   async function cancel(id, button) {
     button.disabled = true;
     try {
-      const response = await authorized("POST", `/messages/${id}/cancel`);
+      const response = await authorized("POST", `/messages/${id}/cancel?mask=true`);
       if (!response) return;
       if (!response.ok) return notice(`Could not cancel message ${id}: ${await errorText(response)}`, true);
       notice(`Message ${id} is cancelled; it will not be sent.`);
