@@ -212,8 +212,21 @@ class MessageStore(MessageQueries):
                             " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(chunk)),
                             [v for m in chunk for v in (m.recipient, m.content, m.due(now), m.priority, now, now)],
                         )
-                        # One multi-row INSERT takes consecutive auto-increment values (a "simple insert").
-                        first = int(cur.lastrowid)
+                        # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
+                        # guaranteed by innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked, so that a
+                        # server that interleaves them refuses the batch (nothing created) instead of answering
+                        # wrong ids.
+                        first, last = int(cur.lastrowid), int(cur.lastrowid) + (len(chunk) - 1) * int(step)
+                        await cur.execute(
+                            "SELECT COUNT(*) FROM messages WHERE id BETWEEN %s AND %s AND created_at = %s",
+                            (first, last, now),
+                        )
+                        (mine,) = await cur.fetchone()
+                        if int(mine) != len(chunk):
+                            raise RuntimeError(
+                                f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
+                                " (innodb_autoinc_lock_mode 2?): nothing created"
+                            )
                         ids += [first + i * int(step) for i in range(len(chunk))]
                     await cur.execute("SET @message_sender_counted = NULL")
                     counted = False
