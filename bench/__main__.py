@@ -20,7 +20,7 @@ import traceback
 from typing import Any
 
 from bench import loaddata
-from bench.api import pick_client, run_api
+from bench.api import pick_client, run_api, run_batch
 from bench.config import Config, ConfigError
 from bench.growth import run_growth
 from bench.httplimit import http_limit
@@ -142,6 +142,8 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
                 r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
                 r["api"]["load_seconds"] = loaded
+                say("API: POST /messages/batch of 1,000 ...")
+                r["api"]["batch"] = await run_batch(base_url, pool)
                 r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
             except Exception as exc:
                 r["errors"]["api"] = _error(exc)

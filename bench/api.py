@@ -183,5 +183,71 @@ async def run_api(cfg: Config, base: str, pool: aiomysql.Pool, gateway_pid: int)
     return out
 
 
+BATCH_SIZE = 1000
+
+
+async def run_batch(base: str, pool: aiomysql.Pool, batches: int = 40, clients: int = 2) -> dict[str, Any]:
+    """``POST /messages/batch`` of :data:`BATCH_SIZE` messages, ``batches`` times over ``clients`` concurrent
+    clients: messages created per second (wall time) and the latency of one batch. Sending is switched off
+    first, so no producer claims the created rows meanwhile; they are removed afterwards."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("UPDATE dispatch_state SET sending = FALSE WHERE id = 1")
+    latencies: list[float] = []
+    errors = 0
+    queue = list(range(batches))
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while queue:
+            n = queue.pop()
+            body = {
+                "messages": [
+                    {"recipient": f"+9055{n:04d}{i:05d}", "content": f"bulk {n}/{i}"} for i in range(BATCH_SIZE)
+                ]
+            }
+            t = time.perf_counter()
+            async with session.post(base + "/messages/batch", json=body) as resp:
+                await resp.read()
+                if resp.status != 201:
+                    errors += 1
+            latencies.append(time.perf_counter() - t)
+
+    async with aiohttp.ClientSession() as session:
+        await client_warmup(session, base)
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        wall = time.perf_counter() - started
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT COUNT(*) FROM messages WHERE content LIKE 'bulk %%'")
+        (created,) = await cur.fetchone()
+        await cur.execute("DELETE FROM messages WHERE content LIKE 'bulk %%'")
+        await cur.execute("UPDATE dispatch_state SET sending = TRUE WHERE id = 1")
+    ordered = sorted(latencies)
+    p50, p99 = percentile(ordered, 50), percentile(ordered, 99)
+    result = {
+        "batches": batches,
+        "clients": clients,
+        "created": int(created) - BATCH_SIZE,  # less the warm-up batch
+        "msgs_per_s": (batches * BATCH_SIZE) / wall if wall else None,
+        "p50_ms": None if p50 is None else p50 * 1000,
+        "p99_ms": None if p99 is None else p99 * 1000,
+        "errors": errors,
+    }
+    print(
+        f"bench:   batch of {BATCH_SIZE}, {clients} clients: {result['msgs_per_s']:8.0f} messages/s"
+        f"  p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  errors {errors}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
+
+
+async def client_warmup(session: aiohttp.ClientSession, base: str) -> None:
+    body = {"messages": [{"recipient": f"+90550000{i:05d}", "content": f"bulk w/{i}"} for i in range(BATCH_SIZE)]}
+    async with session.post(base + "/messages/batch", json=body) as resp:
+        await resp.read()
+        resp.raise_for_status()
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} ms"

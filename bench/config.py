@@ -41,6 +41,7 @@ BAR_LIST_RPS = 2000.0
 BAR_LIST_P99_MS = 15.0
 BAR_OFFSET_P99_MS = 100.0
 BAR_IDLE_RSS_MB = 80.0
+BAR_BATCH_MSGS_PER_S = 20000.0  # issue 17: POST /messages/batch of 1,000, messages created per second
 
 
 class ConfigError(ValueError):

@@ -32,3 +32,7 @@ class MigrationError(MessageSenderError):
 
 class LeaseLost(MessageSenderError):
     """Raised when a producer's leader lease lapsed or was taken over: it must not claim any more."""
+
+
+class IdempotencyConflict(MessageSenderError):
+    """Raised when an Idempotency-Key is reused within 24 h with a different request."""

@@ -206,6 +206,48 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         ],
     ),
     (
+        6,
+        "scheduled sends (send_at), priority, the cancelled status, idempotency keys, filter indexes",
+        [
+            # Appending a value to an ENUM changes only the table's metadata (instant on MySQL 8 and MariaDB).
+            "ALTER TABLE messages MODIFY status"
+            " ENUM('pending','queued','sending','sent','failed','cancelled') NOT NULL DEFAULT 'pending'",
+            # When a message may be sent at the earliest; a hand-inserted row is due at once (UTC whatever the
+            # session's time zone). ENUM order makes 'high' sort before 'normal'.
+            "ALTER TABLE messages ADD COLUMN send_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6)),"
+            " ADD COLUMN priority ENUM('high','normal') NOT NULL DEFAULT 'normal',"
+            " ADD COLUMN cancelled_at DATETIME(6) NULL",
+            # The claim: the due range of each priority (status, priority IN (...), send_at <= now), read in
+            # index order, so it never walks the rows scheduled later. The retry's due time is read from the index.
+            "ALTER TABLE messages ADD INDEX ix_messages_due (status, priority, send_at, id, next_attempt_at)",
+            # GET /messages?recipient=...(&status=...): one range per status, newest first.
+            "ALTER TABLE messages ADD INDEX ix_messages_recipient (recipient, status, created_at, id)",
+            # Retention of cancelled rows.
+            "ALTER TABLE messages ADD INDEX ix_messages_cancelled_at (cancelled_at)",
+            "INSERT INTO message_counts (status, shard, n) SELECT 'cancelled', h.shard, 0 FROM"
+            " (SELECT 0 AS shard UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4"
+            " UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7) AS h ON DUPLICATE KEY UPDATE n = n",
+            # A multi-row insert that counts its rows itself (one statement for all of them) sets
+            # @message_sender_counted for its duration; every other insert is counted row by row as before.
+            "DROP TRIGGER IF EXISTS messages_counted",
+            "CREATE TRIGGER messages_counted AFTER INSERT ON messages FOR EACH ROW"
+            " BEGIN IF @message_sender_counted IS NULL THEN"
+            " UPDATE message_counts SET n = n + 1 WHERE status = NEW.status AND shard = NEW.id % 8; END IF; END",
+            # Idempotency-Key of POST /messages and /messages/batch: the request's fingerprint and the ids it
+            # created, for 24 h; the primary key makes concurrent requests with one key wait for the first.
+            """
+            CREATE TABLE IF NOT EXISTS idempotency_keys (
+                idem_key VARCHAR(255) NOT NULL,
+                fingerprint CHAR(64) NOT NULL,
+                ids JSON NOT NULL,
+                created_at DATETIME(6) NOT NULL,
+                PRIMARY KEY (idem_key),
+                KEY ix_idempotency_created (created_at)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
+            """,
+        ],
+    ),
+    (
         7,
         "which provider took each attempt (WEBHOOK_FALLBACK_URL)",
         [

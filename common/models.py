@@ -22,6 +22,12 @@ class Status(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Priority(enum.StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
 
 
 # Every "outcome unknown" reason starts with this: the request may have reached the service, nobody knows.

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomysql
+import orjson
+import pymysql
 
-from common.errors import ConflictError, LeaseLost, NotFoundError
-from common.models import Delivery, Outcome, is_outcome_unknown, outcome_unknown, utcnow
+from common.errors import ConflictError, IdempotencyConflict, LeaseLost, NotFoundError
+from common.models import Delivery, Outcome, Status, is_outcome_unknown, outcome_unknown, utcnow
 from common.queries import MessageQueries, Row, SentPage
 
-__all__ = ["Fence", "MessageStore", "Recorded", "Row", "SentPage", "Swept"]
+__all__ = ["Created", "Fence", "Idempotency", "MessageStore", "NewMessage", "Recorded", "Row", "SentPage", "Swept"]
 
 
 LEASE_LAPSED = "the sending lease ran out with no outcome recorded (its consumer or AMQP message was lost)"
@@ -34,6 +36,16 @@ LEASE_LAPSED = "the sending lease ran out with no outcome recorded (its consumer
 def _in(ids: Sequence[object]) -> str:
     return ", ".join(["%s"] * len(ids))
 
+
+# The claim: two ranges of ix_messages_due (one per priority) read in index order, so neither a sort nor the
+# rows scheduled later are ever touched; the retry's due time is checked on the index entry.
+CLAIM_SQL = (
+    "SELECT id FROM messages WHERE status = 'pending' AND priority IN ('high', 'normal')"
+    " AND send_at <= UTC_TIMESTAMP(6) AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
+    " ORDER BY priority, send_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+INSERT_CHUNK = 1000  # rows per multi-row INSERT
+IDEMPOTENCY_HOURS = 24
 
 COUNT_SHARDS = 8  # rows per status in message_counts (the insert trigger spreads by id % 8)
 
@@ -65,6 +77,41 @@ def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[
     rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
     sql = first + rest * (len(rows) - 1)
     return sql, [v for row in rows for v in row]
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to create: ``send_at`` naive UTC or None (now), ``priority`` 'high' or 'normal'."""
+
+    recipient: str
+    content: str
+    send_at: dt.datetime | None = None
+    priority: str = "normal"
+
+    def due(self, now: dt.datetime) -> dt.datetime:
+        """Its ``send_at`` as stored: a past one (or none) means now."""
+        return now if self.send_at is None or self.send_at < now else self.send_at
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """The ``Idempotency-Key`` of a create request and the fingerprint of the request it names."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """The ids a create made (or, ``replayed``, the ones an earlier request with the same key made)."""
+
+    ids: list[int]
+    replayed: bool
+    at: dt.datetime | None  # the created_at (and updated_at) of every row made now; None when replayed
+
+
+class _KeyTaken(Exception):
+    """Raised when an idempotency key vanished between the duplicate insert and the read (expired, removed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +160,7 @@ class Swept:
     error: str
 
 
-STATUSES = ("pending", "queued", "sending", "sent", "failed")
+STATUSES = tuple(s.value for s in Status)
 
 
 async def count_rows(cur: aiomysql.Cursor) -> dict[str, int]:
@@ -167,6 +214,144 @@ class MessageStore(MessageQueries):
             await cur.execute("INSERT INTO messages (recipient, content) VALUES (%s, %s)", (recipient, content))
             return int(cur.lastrowid)
 
+    async def create_messages(self, items: Sequence[NewMessage], idempotency: Idempotency | None = None) -> Created:
+        """Insert ``items`` as ``pending`` messages in one transaction, in multi-row statements of up to
+        :data:`INSERT_CHUNK` rows; returns their ids in order. A ``send_at`` in the past (or none) means now.
+
+        With ``idempotency``, the key's row is inserted first in the same transaction: a concurrent request
+        with the same key waits on its primary key until this one commits, then finds it. A key seen within
+        :data:`IDEMPOTENCY_HOURS` returns the ids it created (``replayed``) and creates nothing; with another
+        fingerprint (a different body) it raises :class:`IdempotencyConflict`."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            for _ in range(3):
+                counted = False
+                await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                await conn.begin()
+                try:
+                    if idempotency is not None:
+                        found = await self._claim_key(cur, conn, idempotency)
+                        if found is not None:
+                            await conn.commit()
+                            return Created(found, replayed=True, at=None)
+                    ids: list[int] = []
+                    # One time for every row (created_at = updated_at = now), the counts in one statement.
+                    await cur.execute(
+                        "SET @message_sender_counted = 1; SELECT UTC_TIMESTAMP(6), @@auto_increment_increment"
+                    )
+                    await cur.nextset()
+                    now, step = await cur.fetchone()
+                    counted = True
+                    for start in range(0, len(items), INSERT_CHUNK):
+                        chunk = items[start : start + INSERT_CHUNK]
+                        await cur.execute(
+                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at)"
+                            " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(chunk)),
+                            [v for m in chunk for v in (m.recipient, m.content, m.due(now), m.priority, now, now)],
+                        )
+                        # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
+                        # guaranteed by innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked, so that a
+                        # server that interleaves them refuses the batch (nothing created) instead of answering
+                        # wrong ids.
+                        first, last = int(cur.lastrowid), int(cur.lastrowid) + (len(chunk) - 1) * int(step)
+                        await cur.execute(
+                            "SELECT COUNT(*) FROM messages WHERE id BETWEEN %s AND %s AND created_at = %s",
+                            (first, last, now),
+                        )
+                        (mine,) = await cur.fetchone()
+                        if int(mine) != len(chunk):
+                            raise RuntimeError(
+                                f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
+                                " (innodb_autoinc_lock_mode 2?): nothing created"
+                            )
+                        ids += [first + i * int(step) for i in range(len(chunk))]
+                    await cur.execute("SET @message_sender_counted = NULL")
+                    counted = False
+                    await cur.execute(*_moved({"pending": len(ids)}))
+                    if idempotency is not None:
+                        await cur.execute(
+                            "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s",
+                            (orjson.dumps(ids).decode(), idempotency.key),
+                        )
+                    await conn.commit()
+                    return Created(ids, replayed=False, at=now)
+                except _KeyTaken:
+                    await _rollback(conn)  # an expired key was removed by another request meanwhile: again
+                except BaseException:
+                    await _rollback(conn)
+                    if counted:  # the pooled connection must not keep skipping the trigger
+                        try:
+                            await cur.execute("SET @message_sender_counted = NULL")
+                        except Exception:
+                            conn.close()
+                    raise
+        raise RuntimeError(f"the idempotency key {idempotency and idempotency.key!r} kept changing hands")
+
+    @staticmethod
+    async def _claim_key(cur: aiomysql.Cursor, conn: aiomysql.Connection, idempotency: Idempotency) -> list[int] | None:
+        """Insert the key's row (None: this transaction owns the key) or return the ids of the earlier request
+        that used it. A duplicate-key error comes only once the row's owner committed (the insert waits for
+        it); the transaction is then begun again before reading, so that no shared lock is held while the
+        other waiters read too (holding one and asking for more is what deadlocks)."""
+        try:
+            await cur.execute(
+                "INSERT INTO idempotency_keys (idem_key, fingerprint, ids, created_at)"
+                " VALUES (%s, %s, '[]', UTC_TIMESTAMP(6))",
+                (idempotency.key, idempotency.fingerprint),
+            )
+            return None
+        except pymysql.err.IntegrityError as exc:
+            if exc.args[0] != 1062:
+                raise
+        await conn.rollback()
+        await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        await conn.begin()
+        taken = await cur.execute(  # older than 24 h: the key is free again
+            "UPDATE idempotency_keys SET fingerprint = %s, ids = '[]', created_at = UTC_TIMESTAMP(6)"
+            " WHERE idem_key = %s AND created_at < UTC_TIMESTAMP(6) - INTERVAL %s HOUR",
+            (idempotency.fingerprint, idempotency.key, IDEMPOTENCY_HOURS),
+        )
+        if taken:
+            return None
+        await cur.execute("SELECT fingerprint, ids FROM idempotency_keys WHERE idem_key = %s", (idempotency.key,))
+        row = await cur.fetchone()
+        if row is None:
+            raise _KeyTaken
+        fingerprint, ids = row
+        if fingerprint != idempotency.fingerprint:
+            raise IdempotencyConflict(
+                f"the Idempotency-Key {idempotency.key!r} was already used with a different request"
+                " in the last 24 hours; use a new key for a new request"
+            )
+        return [int(i) for i in orjson.loads(ids)]
+
+    async def cancel(self, message_id: int) -> Row:
+        """Move a message nobody has claimed yet (``pending``: due, scheduled or waiting for a retry) to the
+        terminal ``cancelled``. The compare-and-set on ``pending`` and the claim's ``FOR UPDATE`` take the
+        same row lock, so a cancel and a claim racing for a row serialise: either the claim took it first
+        (the cancel finds it ``queued``: :class:`ConflictError`) or it is cancelled and never claimed.
+        Cancelling a cancelled message again changes nothing."""
+        counts, count_args = _moved({"pending": "-@moved", "cancelled": "@moved"})
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "START TRANSACTION; UPDATE messages SET status = 'cancelled', cancelled_at = UTC_TIMESTAMP(6),"
+                " next_attempt_at = NULL"
+                f" WHERE id = %s AND status = 'pending'; SET @moved = ROW_COUNT(); {counts}; SELECT @moved; COMMIT",
+                [message_id, *count_args],
+            )
+            for _ in range(4):
+                await cur.nextset()
+            (changed,) = await cur.fetchone()
+            await _drain(cur)
+        row = await self.get(message_id)
+        if row is None:
+            raise NotFoundError(f"message {message_id} does not exist")
+        if not changed and row["status"] != "cancelled":
+            raise ConflictError(
+                f"message {message_id} is {row['status']}: only a message not claimed yet (pending, scheduled"
+                " or waiting for a retry) can be cancelled"
+            )
+        return row
+
     async def create_many(self, rows: Iterable[tuple[str, str]]) -> int:
         """Insert many pending messages in multi-row statements; returns how many."""
         batch = list(rows)
@@ -207,7 +392,9 @@ class MessageStore(MessageQueries):
     # --- the producer's side --------------------------------------------------------------------
 
     async def claim(self, limit: int, fence: Fence | None = None, budget: bool = False) -> list[int]:
-        """Move up to ``limit`` due ``pending`` rows, oldest first, to ``queued``; return their ids.
+        """Move up to ``limit`` due ``pending`` rows to ``queued``, ``high`` priority first, then ``normal``,
+        each the longest due first (``send_at``, then id); return their ids. A row scheduled later, or waiting
+        for its retry, is not due.
         ``SKIP LOCKED`` lets concurrent claimers take disjoint rows without waiting on each other.
 
         With ``budget`` (the producer's tick), claims still waiting in the queue count against ``limit``:
@@ -225,12 +412,7 @@ class MessageStore(MessageQueries):
                 if limit <= 0:
                     await conn.commit()
                     return []
-                await cur.execute(
-                    "SELECT id FROM messages WHERE status = 'pending'"
-                    " AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
-                    " ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (limit,),
-                )
+                await cur.execute(CLAIM_SQL, (limit,))
                 ids = [int(r[0]) for r in await cur.fetchall()]
                 if ids:
                     await cur.execute(
@@ -560,12 +742,13 @@ class MessageStore(MessageQueries):
                 await _rollback(conn)
                 raise
 
-    async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int]:
-        """One retention batch: up to ``limit`` ``sent`` rows sent and up to ``limit`` ``failed`` rows failed
-        more than ``days`` ago, oldest first, with their attempt rows and their counts, in one short
-        transaction (index ranges of ``ix_messages_sent`` and ``ix_messages_failed_at``; rows in use are
-        skipped, not waited for). Removing the oldest sent rows keeps offsets and cursors of the sent list
-        right: the numbering of the others does not move. Returns ``(sent, failed)`` removed."""
+    async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int, int]:
+        """One retention batch: up to ``limit`` ``sent`` rows sent, up to ``limit`` ``failed`` rows failed and
+        up to ``limit`` ``cancelled`` rows cancelled more than ``days`` ago, oldest first, with their attempt
+        rows and their counts, in one short transaction (index ranges of ``ix_messages_sent``,
+        ``ix_messages_failed_at`` and ``ix_messages_cancelled_at``; rows in use are skipped, not waited for).
+        Removing the oldest sent rows keeps offsets and cursors of the sent list right: the numbering of the
+        others does not move. Returns ``(sent, failed, cancelled)`` removed."""
         cutoff = "UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
         age = _micros(days * 86400)
         async with self.pool.acquire() as conn, conn.cursor() as cur:
@@ -585,13 +768,21 @@ class MessageStore(MessageQueries):
                     (age, limit),
                 )
                 failed = [int(r[0]) for r in await cur.fetchall()]
-                ids = sent + failed
+                await cur.execute(
+                    f"SELECT id FROM messages WHERE cancelled_at < {cutoff} AND status = 'cancelled'"
+                    " ORDER BY cancelled_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (age, limit),
+                )
+                cancelled = [int(r[0]) for r in await cur.fetchall()]
+                ids = sent + failed + cancelled
                 if ids:
                     await cur.execute(f"DELETE FROM message_attempts WHERE message_id IN ({_in(ids)})", ids)
                     await cur.execute(f"DELETE FROM messages WHERE id IN ({_in(ids)})", ids)
-                    await cur.execute(*_moved({"sent": -len(sent), "failed": -len(failed)}))
+                    await cur.execute(
+                        *_moved({"sent": -len(sent), "failed": -len(failed), "cancelled": -len(cancelled)})
+                    )
                 await conn.commit()
-                return len(sent), len(failed)
+                return len(sent), len(failed), len(cancelled)
             except BaseException:
                 await _rollback(conn)
                 raise

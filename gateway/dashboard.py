@@ -3,9 +3,10 @@ script refreshes from documented JSON endpoints, and the two endpoints it added 
 ``GET /stats/timeline`` (sent and failed per minute) and ``GET /stats/failed`` (failed messages).
 
 Everything the page loads comes from the gateway (its Content-Security-Policy allows nothing else), so it
-works offline. It reads ``/stats``, ``/stats/timeline``, ``/stats/failed`` and ``/messages`` (the last two
-with ``mask=true``: the server hides the recipients' digits, the full numbers never reach the page), and
-changes state only through ``POST /process_message`` and ``POST /messages/{id}/retry``. When the gateway
+works offline. It reads ``/stats``, ``/stats/timeline``, ``/stats/failed``, ``/messages`` and
+``/messages?status=pending`` (the last three with ``mask=true``: the server hides the recipients' digits,
+the full numbers never reach the page), and changes state only through ``POST /process_message``,
+``POST /messages/{id}/retry`` and ``POST /messages/{id}/cancel``. When the gateway
 has an ``API_TOKEN``, the page asks for it once (at the first 401) and sends it with every request.
 """
 

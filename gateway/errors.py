@@ -2,7 +2,7 @@
 
 - :class:`~gateway.httputil.ApiError` raised by a handler: its status, code, message and details;
 - validation errors of :mod:`common.models` -> 422 naming the field, ``NotFoundError`` -> 404,
-  ``ConflictError`` -> 409;
+  ``ConflictError`` -> 409, ``IdempotencyConflict`` -> 422 naming the ``Idempotency-Key`` header;
 - aiohttp's own HTTP errors (unknown route 404, 405 with ``Allow``, 413 body too big...) -> JSON;
 - MySQL unavailable (refused, lost, timed out, not connected yet) -> 503 ``unavailable``, the outage
   logged once (:mod:`gateway.mysql`), no traceback per request;
@@ -29,7 +29,7 @@ from aiohttp.typedefs import Handler
 from marshmallow import Schema, fields
 
 from common import db
-from common.errors import ConflictError, NotFoundError, ValidationError
+from common.errors import ConflictError, IdempotencyConflict, NotFoundError, ValidationError
 from gateway.httputil import ApiError, json_response
 from gateway.keys import MYSQL
 
@@ -129,6 +129,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(404, "not_found", str(exc))
     except ConflictError as exc:
         return error_response(409, "conflict", str(exc))
+    except IdempotencyConflict as exc:
+        return error_response(422, "idempotency_conflict", str(exc), {"field": "Idempotency-Key"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects are answers, not errors

@@ -44,6 +44,10 @@ class SystemState(Collector):
             for status, n in s["counts"].items():
                 by_status.add_metric([status], n)
             yield by_status
+        if s.get("scheduled") is not None:
+            yield GaugeMetricFamily(
+                "messages_scheduled", "Pending messages whose send_at is still ahead (part of pending)", s["scheduled"]
+            )
         if s.get("sent_total") is not None:
             yield CounterMetricFamily(
                 "messages_sent", "Messages sent, by every consumer (the database's count)", s["sent_total"]

@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from collections import OrderedDict
+from urllib.parse import urlencode
 
 from marshmallow import Schema, fields, validate
 
@@ -42,6 +43,16 @@ class ListQuerySchema(Schema):
         }
     )
     mask = fields.Boolean(load_default=False, metadata={"description": MASK_DESCRIPTION})
+    status = fields.String(
+        metadata={
+            "description": "Only messages in these statuses, separated by commas (pending, queued, sending, sent,"
+            " failed, cancelled), newest created first.",
+            "example": "pending,failed",
+        }
+    )
+    recipient = fields.String(
+        metadata={"description": "Only messages to this E.164 number.", "example": "+905551111111"}
+    )
 
 
 def encode_cursor(key: str) -> str:
@@ -67,6 +78,17 @@ def decode_cursor(raw: str) -> tuple[int, int]:
 def next_link(limit: int, last_key: str) -> str:
     """The ``Link`` header value of the page that follows the one ending with the row of ``last_key``."""
     return f'</messages?limit={limit}&after={encode_cursor(last_key)}>; rel="next"'
+
+
+def filtered_link(limit: int, last_key: str, status: str | None, recipient: str | None) -> str:
+    """The ``Link`` header of the next page of a filtered list (the filters kept, url-encoded)."""
+    query = {
+        "limit": str(limit),
+        **({"status": status} if status else {}),
+        **({"recipient": recipient} if recipient else {}),
+    }
+    query["after"] = encode_cursor(last_key)
+    return f'</messages?{urlencode(query)}>; rel="next"'
 
 
 class PageCache:

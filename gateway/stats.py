@@ -90,8 +90,9 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 async def _costly(app: web.Application, deadline: float) -> dict[str, Any]:
     store = app[STORE]
     depths = (_section(app, f"{key} queue depth", _queue_depth(app, name), deadline) for key, name in QUEUES.items())
-    counts, sent, latencies, depths_read = await asyncio.gather(
+    counts, scheduled, sent, latencies, depths_read = await asyncio.gather(
         _section(app, "counts by status", store.counts_by_status(), deadline),
+        _section(app, "scheduled", store.scheduled_count(), deadline),
         _section(app, "throughput", store.sent_since(THROUGHPUT_WINDOW_SECONDS), deadline),
         _section(app, "latency", store.claim_to_sent_seconds(LATENCY_WINDOW), deadline),
         asyncio.gather(*depths),
@@ -99,6 +100,7 @@ async def _costly(app: web.Application, deadline: float) -> dict[str, Any]:
     ordered = sorted(latencies or [])
     return {
         "counts": counts,
+        "scheduled": scheduled,
         "queues": dict(zip(QUEUES, depths_read, strict=True)),
         "throughput": None
         if sent is None
@@ -132,7 +134,7 @@ async def _refresh(app: web.Application, deadline: float) -> dict[str, Any]:
                 state.taken_at = time.monotonic()
             return state.cached
     except TimeoutError:
-        return state.cached or dict.fromkeys(("counts", "queues", "throughput", "latency_ms"))
+        return state.cached or dict.fromkeys(("counts", "scheduled", "queues", "throughput", "latency_ms"))
 
 
 async def snapshot(app: web.Application) -> dict[str, Any]:
@@ -164,6 +166,7 @@ class CountsSchema(Schema):
     sending = fields.Integer(required=True)
     sent = fields.Integer(required=True)
     failed = fields.Integer(required=True)
+    cancelled = fields.Integer(required=True)
 
 
 class QueuesSchema(Schema):
@@ -197,6 +200,11 @@ class BreakerSchema(Schema):
 
 class StatsSchema(Schema):
     counts = fields.Nested(CountsSchema, required=True, metadata={"description": "Messages by status."})
+    scheduled = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Pending messages whose send_at is still ahead (part of pending)."},
+    )
     sent_total = fields.Integer(required=True, metadata={"description": "Messages sent (a maintained counter)."})
     sending = fields.Boolean(required=True, metadata={"description": "Whether automatic sending is on."})
     changed_at = fields.DateTime(required=True, allow_none=True, metadata={"description": "Last start/stop."})
@@ -215,7 +223,8 @@ class StatsSchema(Schema):
 
 
 STATS_EXAMPLE = {
-    "counts": {"pending": 120, "queued": 2, "sending": 0, "sent": 4210, "failed": 3},
+    "counts": {"pending": 120, "queued": 2, "sending": 0, "sent": 4210, "failed": 3, "cancelled": 1},
+    "scheduled": 20,
     "sent_total": 4210,
     "sending": True,
     "changed_at": "2024-05-01T09:00:00.000000Z",

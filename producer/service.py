@@ -314,25 +314,27 @@ class Producer:
             metrics.REPUBLISHED.inc(report.republished)
 
     async def retain(self, fence: Fence) -> None:
-        """Remove ``sent`` and ``failed`` rows older than ``RETENTION_DAYS`` in small batches (short locks, no
-        long transaction), within a time budget; one log line and the metric say how many went."""
+        """Remove ``sent``, ``failed`` and ``cancelled`` rows older than ``RETENTION_DAYS`` in small batches
+        (short locks, no long transaction), within a time budget; one log line and the metric say how many went."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETENTION_BUDGET_SECONDS
-        sent = failed = 0
+        sent = failed = cancelled = 0
         while loop.time() < deadline:
-            a, b = await self.store.remove_expired(self.settings.retention_days, RETENTION_BATCH, fence)
-            sent, failed = sent + a, failed + b
+            a, b, c = await self.store.remove_expired(self.settings.retention_days, RETENTION_BATCH, fence)
+            sent, failed, cancelled = sent + a, failed + b, cancelled + c
             metrics.RETENTION.labels("sent").inc(a)
             metrics.RETENTION.labels("failed").inc(b)
-            if a < RETENTION_BATCH and b < RETENTION_BATCH:
+            metrics.RETENTION.labels("cancelled").inc(c)
+            if max(a, b, c) < RETENTION_BATCH:
                 break
-        if sent or failed:
+        if sent or failed or cancelled:
             log.info(
-                "retention: removed %d sent and %d failed messages older than %g days",
+                "retention: removed %d sent, %d failed and %d cancelled messages older than %g days",
                 sent,
                 failed,
+                cancelled,
                 self.settings.retention_days,
-                extra={"removed_sent": sent, "removed_failed": failed},
+                extra={"removed_sent": sent, "removed_failed": failed, "removed_cancelled": cancelled},
             )
 
     async def _dead_letter_copy(self, row: Swept) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from common.models import utcnow
 from common.settings import Secret, Settings
-from common.store import MessageStore
+from common.store import MessageStore, NewMessage
 from gateway.app import create_app
 from tests.conftest import sql
 from tests.procs import ARTIFACTS, Cluster, StandIn, wait_for
@@ -220,7 +220,7 @@ async def open_tab(browser: Browser, url: str, viewport: dict[str, int] = DESKTO
 
 async def db_counts(settings: Settings) -> dict[str, int]:
     rows = await sql(settings, "SELECT status, COUNT(*) FROM messages GROUP BY status")
-    counts = dict.fromkeys(("pending", "queued", "sending", "sent", "failed"), 0)
+    counts = dict.fromkeys(("pending", "queued", "sending", "sent", "failed", "cancelled"), 0)
     counts.update({str(status): int(str(n)) for status, n in rows})
     return counts
 
@@ -244,7 +244,7 @@ async def test_page_shows_what_the_database_holds(
 
     assert await page.title() == "message-sender · dashboard"
     expected = await db_counts(settings)
-    assert expected == {"pending": 4, "queued": 0, "sending": 0, "sent": 23, "failed": 2}
+    assert expected == {"pending": 4, "queued": 0, "sending": 0, "sent": 23, "failed": 2, "cancelled": 0}
     assert {name: await tab.number(f"counts.{name}") for name in expected} == expected
     await expect(page.get_by_role("switch", name="Automatic sending")).to_have_attribute("aria-checked", "true")
 
@@ -322,6 +322,36 @@ async def test_retry_puts_a_failed_message_back_to_pending(
     await expect(tab.page.locator("#failed-table tbody tr")).to_have_count(1)
     await expect(tab.page.locator("#failed-table tbody tr")).to_have_attribute("data-id", str(keep))
     await expect(tab.stat("counts.failed")).to_have_text("1", timeout=WAIT_MS)
+    tab.assert_clean()
+
+
+async def test_cancel_button_on_waiting_messages_and_the_new_counts(
+    browser: Browser, serve: Callable[..., Awaitable[str]], store: MessageStore
+) -> None:
+    """Not-yet-claimed messages are listed with a Cancel button; cancelling one moves it to the Cancelled
+    tile; a scheduled one counts as Scheduled."""
+    await store.set_sending(False)
+    keep = await store.create("+905551234501", "stays")
+    later = (
+        await store.create_messages([NewMessage("+905551234502", "later", utcnow() + dt.timedelta(hours=2), "high")])
+    ).ids[0]
+    url = await serve()
+    tab = await open_tab(browser, url + "/")
+    page = tab.page
+    rows = page.locator("#waiting-table tbody tr")
+    await expect(rows).to_have_count(2)
+    await expect(rows.first).to_have_attribute("data-id", str(later))
+    await expect(rows.first).to_contain_text("high")
+    await expect(tab.stat("scheduled")).to_have_text("1", timeout=WAIT_MS)
+    await expect(tab.stat("counts.cancelled")).to_have_text("0")
+
+    await page.get_by_role("button", name=f"Cancel message {later}").click()
+    await expect(page.locator("#notice")).to_contain_text(f"Message {later} is cancelled")
+    assert (await api(url, f"/messages/{later}"))["status"] == "cancelled"
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_have_attribute("data-id", str(keep))
+    await expect(tab.stat("counts.cancelled")).to_have_text("1", timeout=WAIT_MS)
+    await expect(tab.stat("scheduled")).to_have_text("0", timeout=WAIT_MS)
     tab.assert_clean()
 
 

@@ -23,7 +23,16 @@ from tests.procs import free_port
 Client = TestClient[Any, Any]
 TOKEN = "s3cret-token-0f9e8d7c"
 LIST_FIELDS = {"id", "recipient", "content", "status", "remote_message_id", "attempts", "created_at", "sent_at"}
-DETAIL_EXTRA = {"last_error", "next_attempt_at", "queued_at", "updated_at", "attempt_log"}
+DETAIL_EXTRA = {
+    "last_error",
+    "next_attempt_at",
+    "queued_at",
+    "updated_at",
+    "send_at",
+    "priority",
+    "cancelled_at",
+    "attempt_log",
+}
 JSON = "application/json"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
@@ -361,7 +370,7 @@ async def test_stats(client: Client, store: MessageStore, settings: Settings) ->
     )
 
     body = await (await client.get("/stats")).json()
-    assert body["counts"] == {"pending": 1, "queued": 0, "sending": 0, "sent": 3, "failed": 1}
+    assert body["counts"] == {"pending": 1, "queued": 0, "sending": 0, "sent": 3, "failed": 1, "cancelled": 0}
     assert (body["sent_total"], body["sending"], body["leader"]) == (3, False, "producer-1")
     assert ISO_Z.match(body["last_tick_at"]) and ISO_Z.match(body["changed_at"])
 
@@ -599,6 +608,8 @@ async def test_spec_documents_every_endpoint_once_with_examples_and_security(cli
         ("POST", "/messages"),
         ("GET", "/messages/{id}"),
         ("POST", "/messages/{id}/retry"),
+        ("POST", "/messages/{id}/cancel"),
+        ("POST", "/messages/batch"),
         ("GET", "/process_message"),
         ("POST", "/process_message"),
         ("GET", "/healthz"),
@@ -613,6 +624,8 @@ async def test_spec_documents_every_endpoint_once_with_examples_and_security(cli
         ("POST", "/messages"),
         ("GET", "/messages/{id}"),
         ("POST", "/messages/{id}/retry"),
+        ("POST", "/messages/{id}/cancel"),
+        ("POST", "/messages/batch"),
         ("GET", "/stats/failed"),
         ("GET", "/process_message"),
         ("POST", "/process_message"),

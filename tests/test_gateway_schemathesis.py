@@ -99,13 +99,16 @@ def live_gateway(settings: Settings) -> Iterator[LiveGateway]:
 
 
 async def seed(settings: Settings) -> dict[str, int]:
-    """Some sent messages and a failed one, so lists and details have rows to check against the schema."""
+    """Some sent messages, a failed and a pending one, so lists and details have rows to check against the
+    schema (and a cancel has something to cancel)."""
     pool = await create_pool(settings)
     try:
         await migrate(pool)
         store = MessageStore(pool)
         sent = await send(store, 25)
-        return {"sent": sent[0], "failed": await fail(store)}
+        failed = await fail(store)
+        pending = await store.create("+905551234500", "to cancel")
+        return {"sent": sent[0], "failed": failed, "pending": pending}
     finally:
         pool.close()
         await pool.wait_closed()
@@ -125,12 +128,12 @@ def test_every_operation_conforms_to_the_served_spec(settings: Settings, token: 
         # test_gateway.py and test_security.py).
         schema.config.generation.update(allow_extra_parameters=False, with_security_parameters=False)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 12
+        assert len(operations) == 14
 
         for operation in operations:
             fixed: list[dict[str, Any]] = [{}]
             if "{id}" in operation.path:  # also hit existing rows, not only random (missing) ids
-                fixed += [{"path_parameters": {"id": ids["sent"]}}, {"path_parameters": {"id": ids["failed"]}}]
+                fixed += [{"path_parameters": {"id": ids[k]}} for k in ("sent", "failed", "pending")]
             runs = [(POSITIVE, overrides) for overrides in fixed] + [(NEGATIVE, {})]
             for mode, overrides in runs:
                 strategy = operation.as_strategy(generation_mode=mode, **overrides)

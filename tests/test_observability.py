@@ -326,8 +326,10 @@ async def test_stats_match_the_database(settings: Settings, store: MessageStore,
     body = await wait_for(connected, 10, "the gateway's RabbitMQ connection")  # it connects in the background
 
     by_status = dict(await sql(settings, "SELECT status, COUNT(*) FROM messages GROUP BY status"))
-    assert body["counts"] == {s: by_status.get(s, 0) for s in ("pending", "queued", "sending", "sent", "failed")}
-    assert body["counts"] == {"pending": 2, "queued": 1, "sending": 0, "sent": 6, "failed": 1}
+    assert body["counts"] == {
+        s: by_status.get(s, 0) for s in ("pending", "queued", "sending", "sent", "failed", "cancelled")
+    }
+    assert body["counts"] == {"pending": 2, "queued": 1, "sending": 0, "sent": 6, "failed": 1, "cancelled": 0}
     assert body["sent_total"] == 6
     ((last_minute,),) = await sql(
         settings,

@@ -89,7 +89,11 @@ async def test_the_415_is_documented_on_every_operation_with_a_body(client: Clie
         for method, op in item.items()
         if any(p["in"] == "body" for p in op.get("parameters", []))
     ]
-    assert {(m, p) for m, p, _ in with_body} == {("post", "/messages"), ("post", "/process_message")}
+    assert {(m, p) for m, p, _ in with_body} == {
+        ("post", "/messages"),
+        ("post", "/messages/batch"),
+        ("post", "/process_message"),
+    }
     assert all("415" in op["responses"] for _, _, op in with_body)
 
 

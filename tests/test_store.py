@@ -297,9 +297,9 @@ async def test_retention_removes_exactly_the_expired_rows_and_keeps_pages_right(
     await sql(settings, "UPDATE messages SET sent_at = %s WHERE id IN (%s, %s)", (old, ids[0], ids[1]))
     await sql(settings, "UPDATE messages SET failed_at = %s WHERE id = %s", (old, ids[5]))
     before = orjson.loads((await store.sent_page(2, offset=1)).json)
-    assert await store.remove_expired(days=1, limit=1) == (1, 1)
-    assert await store.remove_expired(days=1, limit=10) == (1, 0)
-    assert await store.remove_expired(days=1, limit=10) == (0, 0)
+    assert await store.remove_expired(days=1, limit=1) == (1, 1, 0)
+    assert await store.remove_expired(days=1, limit=10) == (1, 0, 0)
+    assert await store.remove_expired(days=1, limit=10) == (0, 0, 0)
     left = {int(i) for (i,) in await sql(settings, "SELECT id FROM messages")}
     assert left == set(ids) - {ids[0], ids[1], ids[5]}
     assert await sql(

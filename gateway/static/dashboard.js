@@ -1,6 +1,6 @@
 // The dashboard's own script: no framework, no build step, nothing loaded from elsewhere.
 // It refreshes the page from the documented API every few seconds and drives the two actions
-// (the sending switch, retrying a failed message). When the gateway has an API token, it asks for it once
+// (the sending switch, retrying a failed message, cancelling one not claimed yet). When the gateway has an API token, it asks for it once
 // (at the first 401) and sends it with every request; it is kept in this tab only. Recipients come masked
 // by the server (mask=true): the full numbers never reach this page.
 "use strict";
@@ -246,6 +246,30 @@
     );
   }
 
+  function renderWaiting(rows, total) {
+    const body = $("#waiting-table tbody");
+    const more = $("#waiting-more");
+    more.hidden = total <= rows.length;
+    more.textContent = `The newest ${number(rows.length)} of ${number(total)} waiting.`;
+    if (!rows.length) return body.replaceChildren(emptyRow(5, "Nothing waiting."));
+    body.replaceChildren(
+      ...rows.map((m) => {
+        const button = el("button", { type: "button", class: "cancel", "aria-label": `Cancel message ${m.id}` });
+        button.textContent = "Cancel";
+        button.addEventListener("click", () => cancel(m.id, button));
+        return el(
+          "tr",
+          { "data-id": String(m.id) },
+          cell("Recipient", m.recipient, "mono"),
+          cell("Content", m.content),
+          cell("Send at", timeEl(m.send_at, false)),
+          cell("Priority", m.priority, m.priority === "high" ? "priority high" : "priority"),
+          cell("", button, "action"),
+        );
+      }),
+    );
+  }
+
   function renderPager(name) {
     const { offset, total } = pages[name];
     const nav = document.querySelector(`[data-pager="${name}"]`);
@@ -265,9 +289,13 @@
       getJSON(`/stats/timeline?minutes=${MINUTES}`),
       getJSON(`/messages?limit=${PAGE_SIZE}&offset=${pages.sent.offset}&mask=true`),
       getJSON(`/stats/failed?limit=${PAGE_SIZE}&offset=${pages.failed.offset}&mask=true`),
+      getJSON(`/messages?status=pending&limit=${PAGE_SIZE}&mask=true`),
     ]);
     if (mine !== generation) return; // a newer refresh started meanwhile
-    const [stats, series, sent, failed] = results;
+    const [stats, series, sent, failed, waiting] = results;
+    if (waiting.status === "fulfilled") {
+      renderWaiting(waiting.value.body, Number(waiting.value.headers.get("X-Total-Count") || 0));
+    }
     if (stats.status === "fulfilled") renderStats(stats.value.body);
     if (series.status === "fulfilled") renderChart(series.value.body);
     if (sent.status === "fulfilled") {
@@ -281,7 +309,8 @@
       renderFailed(failed.value.body);
       renderPager("failed");
     }
-    for (const [result, table, columns] of [[sent, "#sent-table", 4], [failed, "#failed-table", 5]]) {
+    const tables = [[sent, "#sent-table", 4], [failed, "#failed-table", 5], [waiting, "#waiting-table", 5]];
+    for (const [result, table, columns] of tables) {
       if (result.status === "rejected" && [401, 403].includes(result.reason.status)) {
         $(`${table} tbody`).replaceChildren(emptyRow(columns, "Needs the API token: reload the page to enter it."));
       }
@@ -404,12 +433,27 @@
     if (unknown && !window.confirm(question)) return;
     button.disabled = true;
     try {
-      const response = await authorized("POST", `/messages/${id}/retry${unknown ? "?force=true" : ""}`);
+      const response = await authorized("POST", `/messages/${id}/retry?mask=true${unknown ? "&force=true" : ""}`);
       if (!response) return;
       if (!response.ok) return notice(`Could not retry message ${id}: ${await errorText(response)}`, true);
       notice(`Message ${id} is pending again; it goes out in a coming batch.`);
     } catch (error) {
       notice(`Could not retry message ${id}: ${error.message}`, true);
+    } finally {
+      button.disabled = false;
+      refresh();
+    }
+  }
+
+  async function cancel(id, button) {
+    button.disabled = true;
+    try {
+      const response = await authorized("POST", `/messages/${id}/cancel?mask=true`);
+      if (!response) return;
+      if (!response.ok) return notice(`Could not cancel message ${id}: ${await errorText(response)}`, true);
+      notice(`Message ${id} is cancelled; it will not be sent.`);
+    } catch (error) {
+      notice(`Could not cancel message ${id}: ${error.message}`, true);
     } finally {
       button.disabled = false;
       refresh();
