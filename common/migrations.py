@@ -230,9 +230,12 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
             # A multi-row insert that counts its rows itself (one statement for all of them) sets
             # @message_sender_counted for its duration; every other insert is counted row by row as before.
             "DROP TRIGGER IF EXISTS messages_counted",
+            # One shard per connection (not per row): the rows of one multi-row insert all count on the same
+            # row of message_counts, so an insert never holds several of them while waiting for another (which,
+            # against the transitions' own count updates, made deadlocks).
             "CREATE TRIGGER messages_counted AFTER INSERT ON messages FOR EACH ROW"
-            " BEGIN IF @message_sender_counted IS NULL THEN"
-            " UPDATE message_counts SET n = n + 1 WHERE status = NEW.status AND shard = NEW.id % 8; END IF; END",
+            " BEGIN IF @message_sender_counted IS NULL THEN UPDATE message_counts SET n = n + 1"
+            " WHERE status = NEW.status AND shard = CONNECTION_ID() % 8; END IF; END",
             # Idempotency-Key of POST /messages and /messages/batch: the request's fingerprint and the ids it
             # created, for 24 h; the primary key makes concurrent requests with one key wait for the first.
             """

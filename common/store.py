@@ -47,7 +47,7 @@ CLAIM_SQL = (
 INSERT_CHUNK = 1000  # rows per multi-row INSERT
 IDEMPOTENCY_HOURS = 24
 
-COUNT_SHARDS = 8  # rows per status in message_counts (the insert trigger spreads by id % 8)
+COUNT_SHARDS = 8  # rows per status in message_counts (the insert trigger takes the connection id % 8)
 
 
 def _moved(given: Mapping[str, int | str]) -> tuple[str, list[Any]]:
