@@ -207,6 +207,21 @@ async def _drain(cur: aiomysql.Cursor) -> None:
 
 
 class MessageStore(MessageQueries):
+    async def _move(self, update: str, args: Sequence[Any], moves: Mapping[str, int | str]) -> int:
+        """One status transition (``update``, an UPDATE) and its counts in one transaction, in one round trip:
+        ``moves`` gives each status's change in terms of ``@moved``, the rows the UPDATE changed; returns that."""
+        counts, count_args = _moved(moves)
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"START TRANSACTION; {update}; SET @moved = ROW_COUNT(); {counts}; SELECT @moved; COMMIT",
+                [*args, *count_args],
+            )
+            for _ in range(4):
+                await cur.nextset()
+            (moved,) = await cur.fetchone()
+            await _drain(cur)
+        return int(moved)
+
     # --- creating --------------------------------------------------------------------------------
 
     async def create(self, recipient: str, content: str) -> int:
@@ -330,18 +345,12 @@ class MessageStore(MessageQueries):
         same row lock, so a cancel and a claim racing for a row serialise: either the claim took it first
         (the cancel finds it ``queued``: :class:`ConflictError`) or it is cancelled and never claimed.
         Cancelling a cancelled message again changes nothing."""
-        counts, count_args = _moved({"pending": "-@moved", "cancelled": "@moved"})
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "START TRANSACTION; UPDATE messages SET status = 'cancelled', cancelled_at = UTC_TIMESTAMP(6),"
-                " next_attempt_at = NULL"
-                f" WHERE id = %s AND status = 'pending'; SET @moved = ROW_COUNT(); {counts}; SELECT @moved; COMMIT",
-                [message_id, *count_args],
-            )
-            for _ in range(4):
-                await cur.nextset()
-            (changed,) = await cur.fetchone()
-            await _drain(cur)
+        changed = await self._move(
+            "UPDATE messages SET status = 'cancelled', cancelled_at = UTC_TIMESTAMP(6), next_attempt_at = NULL"
+            " WHERE id = %s AND status = 'pending'",
+            [message_id],
+            {"pending": "-@moved", "cancelled": "@moved"},
+        )
         row = await self.get(message_id)
         if row is None:
             raise NotFoundError(f"message {message_id} does not exist")
@@ -370,18 +379,12 @@ class MessageStore(MessageQueries):
                 f"message {message_id} failed with an unknown outcome: it may have reached the notification"
                 " service already; retry with force=true to send it anyway (it may arrive twice)"
             )
-        counts, count_args = _moved({"failed": "-@moved", "pending": "@moved"})
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "START TRANSACTION; UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL,"
-                " queued_at = NULL, published_at = NULL, delivery_token = NULL, failed_at = NULL"
-                f" WHERE id = %s AND status = 'failed'; SET @moved = ROW_COUNT(); {counts}; SELECT @moved; COMMIT",
-                [message_id, *count_args],
-            )
-            for _ in range(4):
-                await cur.nextset()
-            (changed,) = await cur.fetchone()
-            await _drain(cur)
+        changed = await self._move(
+            "UPDATE messages SET status = 'pending', attempts = 0, next_attempt_at = NULL, queued_at = NULL,"
+            " published_at = NULL, delivery_token = NULL, failed_at = NULL WHERE id = %s AND status = 'failed'",
+            [message_id],
+            {"failed": "-@moved", "pending": "@moved"},
+        )
         row = await self.get(message_id)
         if row is None:
             raise NotFoundError(f"message {message_id} does not exist")
@@ -442,19 +445,12 @@ class MessageStore(MessageQueries):
         """Return ``queued`` rows whose publish failed to ``pending`` so the next tick claims them again."""
         if not ids:
             return 0
-        counts, count_args = _moved({"queued": "-@moved", "pending": "@moved"})
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "START TRANSACTION; UPDATE messages SET status = 'pending', queued_at = NULL, published_at = NULL"
-                f" WHERE status = 'queued' AND id IN ({_in(ids)}); SET @moved = ROW_COUNT(); {counts};"
-                " SELECT @moved; COMMIT",
-                [*ids, *count_args],
-            )
-            for _ in range(4):
-                await cur.nextset()
-            (moved,) = await cur.fetchone()
-            await _drain(cur)
-            return int(moved)
+        return await self._move(
+            "UPDATE messages SET status = 'pending', queued_at = NULL, published_at = NULL"
+            f" WHERE status = 'queued' AND id IN ({_in(ids)})",
+            list(ids),
+            {"queued": "-@moved", "pending": "@moved"},
+        )
 
     async def reclaim_stale(
         self, lease_seconds: float, limit: int, queue_empty: bool, fence: Fence | None = None
@@ -715,19 +711,12 @@ class MessageStore(MessageQueries):
     async def record_unrecordable(self, outcome: Outcome, reason: str) -> bool:
         """The last resort for an outcome that cannot be written (e.g. a value out of the column's range): mark
         its row ``failed`` with ``reason``, touching nothing else, so it does not stay ``sending``."""
-        counts, count_args = _moved({"sending": "-@moved", "failed": "@moved"})
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "START TRANSACTION; UPDATE messages SET status = 'failed', last_error = %s, next_attempt_at = NULL,"
-                " lease_expires_at = NULL, failed_at = UTC_TIMESTAMP(6)"
-                f" WHERE id = %s AND status = 'sending' AND delivery_token = %s; SET @moved = ROW_COUNT(); {counts};"
-                " SELECT @moved; COMMIT",
-                [reason[:1000], outcome.id, outcome.token, *count_args],
-            )
-            for _ in range(4):
-                await cur.nextset()
-            (moved,) = await cur.fetchone()
-            await _drain(cur)
+        moved = await self._move(
+            "UPDATE messages SET status = 'failed', last_error = %s, next_attempt_at = NULL, lease_expires_at = NULL,"
+            " failed_at = UTC_TIMESTAMP(6) WHERE id = %s AND status = 'sending' AND delivery_token = %s",
+            [reason[:1000], outcome.id, outcome.token],
+            {"sending": "-@moved", "failed": "@moved"},
+        )
         return bool(moved)
 
     # --- the counts by status, retention ----------------------------------------------------------
