@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint bench chaos demo migrate services up down clean
@@ -10,18 +11,26 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
+# What running needs (make run, demo, migrate) and, for everything else, the test extras too (pytest,
+# playwright, schemathesis, mypy...): a user who only runs the system never installs the test tools.
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP) ## create .venv and install the project with its test extras
 
 services: ## make sure MariaDB, Redis and RabbitMQ answer on localhost (start them if installed but stopped)
 	@bash deploy/local-services.sh ensure
 
-run: $(STAMP) ## run gateway, producer, consumer and the local webhook stand-in (Ctrl-C stops all)
+run: $(RUN_STAMP) ## run gateway, producer, consumer and the local webhook stand-in (Ctrl-C stops all)
 	@$(BIN)/python -m deploy.run
 
 test: $(STAMP) services ## lint, types and the whole test suite against the real MySQL, Redis and RabbitMQ
@@ -40,10 +49,10 @@ lint: $(STAMP) ## ruff and mypy
 bench: $(STAMP) services ## throughput, API latency and memory benchmark (prints a table)
 	$(BIN)/python -m bench
 
-demo: $(STAMP) ## insert sample messages for a running system
+demo: $(RUN_STAMP) ## insert sample messages for a running system
 	$(BIN)/message-sender demo
 
-migrate: $(STAMP) ## apply the schema migrations
+migrate: $(RUN_STAMP) ## apply the schema migrations
 	$(BIN)/message-sender migrate
 
 .PHONY: images test-images

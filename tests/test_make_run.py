@@ -42,7 +42,7 @@ class MakeRun:
         with self.log_path.open("wb") as log:
             # -o: never reinstall the venv under a running test suite (`make install` is CI's first step)
             self.proc = subprocess.Popen(
-                ["make", "-s", "-o", ".venv/.installed", "run"], cwd=ROOT, env=full, stdin=subprocess.DEVNULL,
+                ["make", "-s", "-o", ".venv/.installed-run", "run"], cwd=ROOT, env=full, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
