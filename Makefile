@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.installed-run
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-# What running needs (make run, demo, migrate) and, for everything else, the test extras too (pytest,
+# What running needs (make run, demo, migrate); everything else adds the test extras on top (pytest,
 # playwright, schemathesis, mypy...): a user who only runs the system never installs the test tools.
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +19,9 @@ $(RUN_STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP) $(RUN_STAMP)
+	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the project with its test extras
 
