@@ -12,12 +12,13 @@ The read queries (lists, details, statistics) are in :mod:`common.queries`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomysql
 import orjson
@@ -206,10 +207,33 @@ async def _drain(cur: aiomysql.Cursor) -> None:
         pass
 
 
+T = TypeVar("T")
+DEADLOCK = 1213  # ER_LOCK_DEADLOCK: InnoDB rolled the victim's whole transaction back
+DEADLOCK_ATTEMPTS = 4
+
+
+async def _again_on_deadlock(run: Callable[[], Awaitable[T]]) -> T:
+    """Run a short transaction, and again (a few times, after a few milliseconds) when InnoDB chose it as a
+    deadlock's victim. The claim locks an index entry of ``ix_messages_due`` and then the row, while a
+    transition by primary key (a cancel) holds the row and then changes that index entry: each waits for the
+    other, and InnoDB rolls one back whole, so running it again is safe and is what the server asks for."""
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            return await run()
+        except pymysql.err.OperationalError as exc:
+            if not (exc.args and exc.args[0] == DEADLOCK) or attempt == DEADLOCK_ATTEMPTS:
+                raise
+            await asyncio.sleep(random.uniform(0.001, 0.005 * attempt))
+    raise AssertionError("unreachable")
+
+
 class MessageStore(MessageQueries):
     async def _move(self, update: str, args: Sequence[Any], moves: Mapping[str, int | str]) -> int:
         """One status transition (``update``, an UPDATE) and its counts in one transaction, in one round trip:
         ``moves`` gives each status's change in terms of ``@moved``, the rows the UPDATE changed; returns that."""
+        return await _again_on_deadlock(lambda: self._move_once(update, args, moves))
+
+    async def _move_once(self, update: str, args: Sequence[Any], moves: Mapping[str, int | str]) -> int:
         counts, count_args = _moved(moves)
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
@@ -403,6 +427,9 @@ class MessageStore(MessageQueries):
         With ``budget`` (the producer's tick), claims still waiting in the queue count against ``limit``:
         never more than ``limit`` rows are ``queued`` at once, so a backlog cannot pile up while consumers
         are away and go out in one burst when they come back. With ``fence``, only the lease holder claims."""
+        return await _again_on_deadlock(lambda: self._claim_once(limit, fence, budget))
+
+    async def _claim_once(self, limit: int, fence: Fence | None, budget: bool) -> list[int]:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
