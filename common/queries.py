@@ -83,7 +83,7 @@ def filtered_sql(
             at = _EPOCH + dt.timedelta(microseconds=after[0])
             where += " AND created_at <= %s AND (created_at < %s OR id < %s)"
             part_args += [at, at, after[1]]
-        index = "ix_messages_recipient" if recipient is not None else "ix_messages_claim"
+        index = "ix_messages_recipient_created" if recipient is not None else "ix_messages_claim"
         parts.append(
             f"(SELECT id, created_at AS c FROM messages FORCE INDEX ({index}) WHERE {where}"
             " ORDER BY created_at DESC, id DESC LIMIT %s)"
@@ -172,7 +172,8 @@ class MessageQueries:
         """A page of the messages in ``statuses`` (of ``recipient`` if given), newest first (``created_at``,
         then id), with their total. Each status is one range of an index, read newest first and cut at
         ``limit``: ``ix_messages_claim`` (status, created_at, id), or with a recipient
-        ``ix_messages_recipient`` (recipient, status, created_at, id); the few rows of the ranges are merged.
+        ``ix_messages_recipient_created`` (recipient, created_at, id), each row's status checked on the row (the
+        cost follows that recipient's messages); the few rows of the ranges are merged.
         ``after`` is the ``(created_at micros, id)`` of the previous page's last row."""
         page_sql, args = filtered_sql(statuses, recipient, limit, after)
         if recipient is None:
@@ -182,7 +183,7 @@ class MessageQueries:
             total_args: list[Any] = list(statuses)
         else:
             total_sql = (
-                "SELECT COUNT(*) FROM messages FORCE INDEX (ix_messages_recipient)"
+                "SELECT COUNT(*) FROM messages FORCE INDEX (ix_messages_recipient_created)"
                 f" WHERE recipient = %s AND status IN ({', '.join(['%s'] * len(statuses))})"
             )
             total_args = [recipient, *statuses]

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from common.models import Delivery, Outcome, outcome_unknown, utcnow
 from common.settings import Settings
@@ -53,13 +54,17 @@ def _peer_closed(transport: asyncio.BaseTransport | None) -> bool:
     raw = transport.get_extra_info("socket") if transport is not None else None
     if raw is None:
         return True
+    # A second socket object on the same descriptor (family, type and protocol given, so no syscalls to
+    # learn them; detached afterwards, so it never closes the descriptor): one recv per reused connection.
+    sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
     try:
-        with socket.socket(fileno=os.dup(raw.fileno())) as sock:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False  # nothing to read: the connection is alive
     except OSError:
         return True
+    finally:
+        sock.detach()
 
 
 class FreshConnector(aiohttp.TCPConnector):
@@ -124,11 +129,12 @@ class Webhook:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
-        self.url = settings.webhook_url.reveal()
+        self.url = URL(settings.webhook_url.reveal())  # parsed once, not per request
         self.headers = {"Content-Type": "application/json"}
         if settings.webhook_auth_key:
             self.headers["x-ins-auth-key"] = settings.webhook_auth_key.reveal()
-        self.fallback_url = settings.webhook_fallback_url.reveal()
+        fallback_url = settings.webhook_fallback_url.reveal()
+        self.fallback_url = URL(fallback_url) if fallback_url else None
         self.fallback_headers = {"Content-Type": "application/json"}
         if settings.webhook_fallback_auth_key:
             self.fallback_headers["x-ins-auth-key"] = settings.webhook_fallback_auth_key.reveal()
@@ -163,9 +169,12 @@ class Webhook:
         headers = {**(self.fallback_headers if fallback else self.headers), "Idempotency-Key": str(row.id)}
         if self.signer is not None:
             headers.update(self.signer.headers(webhook_id(row.id), payload))
+        target = self.fallback_url if fallback else self.url
+        if target is None:
+            raise RuntimeError("a fallback delivery without WEBHOOK_FALLBACK_URL")
         try:
             async with self.session.post(
-                self.fallback_url if fallback else self.url,
+                target,
                 data=payload,
                 headers=headers,
                 allow_redirects=False,

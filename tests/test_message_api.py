@@ -483,9 +483,9 @@ async def test_each_filter_is_served_by_an_index(store: MessageStore, settings: 
     cursor = (int(time.time() * 1e6), 2**40)
     cases = [
         (["pending", "failed"], None, None, "ix_messages_claim"),
-        (["sent"], "+905551000001", None, "ix_messages_recipient"),
+        (["sent"], "+905551000001", None, "ix_messages_recipient_created"),
         (["pending"], None, cursor, "ix_messages_claim"),
-        (["pending", "queued"], "+905551000001", cursor, "ix_messages_recipient"),
+        (["pending", "queued"], "+905551000001", cursor, "ix_messages_recipient_created"),
     ]
     for statuses, recipient, after, index in cases:
         statement, args = filtered_sql(statuses, recipient, 20, after)
