@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
+# pytest workers of `make test` (pytest-xdist; 0 runs in one process). Each test has its own sandbox, and
+# each worker its own private servers, so two workers never see each other.
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint bench chaos demo migrate services up down clean
@@ -34,7 +37,7 @@ run: $(RUN_STAMP) ## run gateway, producer, consumer and the local webhook stand
 test: $(STAMP) services ## lint, types and the whole test suite against the real MySQL, Redis and RabbitMQ
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -m "not chaos"
+	$(BIN)/pytest -m "not chaos" -n $(TEST_WORKERS)
 
 chaos: $(STAMP) services ## the long fault-injection suite
 	$(BIN)/pytest -m chaos

@@ -200,6 +200,7 @@ class RabbitAdmin(Protocol):
     def delete_vhost(self, vhost: str) -> None: ...
     def close_connections(self, vhost: str) -> int: ...
     def vhosts(self) -> list[str]: ...
+    def queue_types(self, vhost: str) -> dict[str, str]: ...
 
 
 class ManagementAPI:
@@ -241,6 +242,10 @@ class ManagementAPI:
     def vhosts(self) -> list[str]:
         return [str(v["name"]) for v in self._call("GET", "/vhosts") or []]
 
+    def queue_types(self, vhost: str) -> dict[str, str]:
+        """Each queue of ``vhost`` and its type (``classic``, ``quorum``), as the management UI shows them."""
+        return {str(q["name"]): str(q["type"]) for q in self._call("GET", f"/queues/{quote(vhost, safe='')}") or []}
+
     def version(self) -> str:
         return str(self._call("GET", "/overview").get("rabbitmq_version"))
 
@@ -279,6 +284,10 @@ class Rabbitmqctl:
 
     def vhosts(self) -> list[str]:
         return self.run("list_vhosts", "name").split()
+
+    def queue_types(self, vhost: str) -> dict[str, str]:
+        rows = [line.split("\t") for line in self.run("list_queues", "-p", vhost, "name", "type").splitlines()]
+        return {row[0]: row[1] for row in rows if len(row) == 2 and row != ["name", "type"]}  # not its header
 
 
 def amqp_credentials(s: Settings) -> tuple[str, str]:

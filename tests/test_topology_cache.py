@@ -1,11 +1,7 @@
 """AMQP topology on a real RabbitMQ vhost, and the Redis cache."""
 
 import asyncio
-import base64
 import datetime as dt
-import json
-import urllib.request
-from urllib.parse import quote, urlsplit
 
 import orjson
 import pytest
@@ -15,6 +11,7 @@ from common import topology
 from common.cache import MessageCache
 from common.errors import SettingsError
 from common.settings import Settings
+from deploy.devsupport import Sandbox
 from tests.procs import Cluster, wait_for
 
 
@@ -42,17 +39,15 @@ async def test_confirmed_publish_reaches_the_queue_and_rejects_dead_letter(setti
         await dead.ack()
 
 
-def queue_types(settings: Settings) -> dict[str, str]:
-    """The type of each queue of the run's vhost, as RabbitMQ's management API (and UI) shows it."""
-    vhost = quote(urlsplit(settings.amqp_url.reveal()).path.lstrip("/"), safe="")
-    request = urllib.request.Request(f"http://127.0.0.1:15672/api/queues/{vhost}")
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return {q["name"]: q["type"] for q in json.loads(answer.read())}
+def queue_types(sandbox: Sandbox) -> dict[str, str]:
+    """The type of each queue of the run's vhost, as RabbitMQ shows it (its management API, or rabbitmqctl)."""
+    return sandbox.rabbit.queue_types(sandbox.name)
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-async def test_both_queues_are_of_the_configured_type_and_carry_messages(settings: Settings, queue_type: str) -> None:
+async def test_both_queues_are_of_the_configured_type_and_carry_messages(
+    settings: Settings, sandbox: Sandbox, queue_type: str
+) -> None:
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
         topo = await topology.open_channel(conn, queue_type=queue_type)
@@ -62,7 +57,7 @@ async def test_both_queues_are_of_the_configured_type_and_carry_messages(setting
         assert orjson.loads(msg.body) == {"ids": [7, 8]}
         await msg.reject(requeue=False)  # dead-lettered, also from a quorum queue
         await wait_for(lambda: _dead_lettered(topo), 10, "the rejected message in the dead-letter queue")
-    assert queue_types(settings) == {topology.DISPATCH_QUEUE: queue_type, topology.DEAD_LETTER_QUEUE: queue_type}
+    assert queue_types(sandbox) == {topology.DISPATCH_QUEUE: queue_type, topology.DEAD_LETTER_QUEUE: queue_type}
 
 
 async def _dead_lettered(topo: topology.Topology) -> bool:
@@ -70,13 +65,15 @@ async def _dead_lettered(topo: topology.Topology) -> bool:
     return msg is not None and orjson.loads(msg.body) == {"ids": [7, 8]}
 
 
-async def test_another_queue_type_than_the_existing_queues_fails_naming_the_setting(settings: Settings) -> None:
+async def test_another_queue_type_than_the_existing_queues_fails_naming_the_setting(
+    settings: Settings, sandbox: Sandbox
+) -> None:
     conn = await topology.connect(settings.amqp_url.reveal())
     async with conn:
         await topology.open_channel(conn, queue_type="classic")
         with pytest.raises(SettingsError, match=r"AMQP_QUEUE_TYPE=quorum does not match the queue message_sender\."):
             await topology.open_channel(conn, queue_type="quorum")
-    assert set(queue_types(settings).values()) == {"classic"}, "nothing was changed"
+    assert set(queue_types(sandbox).values()) == {"classic"}, "nothing was changed"
 
 
 async def test_a_service_with_a_mismatched_queue_type_stops_with_one_line(settings: Settings, cluster: Cluster) -> None:
