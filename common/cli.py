@@ -45,10 +45,19 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> None:
         store = MessageStore(pool)
         rows = [(f"+90555{random.randrange(10**6, 10**7)}", random.choice(SAMPLES)) for _ in range(args.count)]
         await store.create_many(rows)
-        print(
-            f"inserted {args.count} pending messages; {settings.send_batch_size} go out every "
-            f"{settings.send_interval_seconds:g}s while sending is on"
-        )
+        schedule = await store.leader_schedule()
+        if schedule is None:
+            print(
+                f"inserted {args.count} pending messages; no producer is running: once one runs with this"
+                f" environment, {settings.send_batch_size} go out every {settings.send_interval_seconds:g}s"
+                " while sending is on"
+            )
+        else:
+            holder, interval, batch = schedule
+            print(
+                f"inserted {args.count} pending messages; the running producer ({holder}) sends {batch} every"
+                f" {interval:g}s while sending is on"
+            )
     finally:
         pool.close()
         await pool.wait_closed()

@@ -308,5 +308,16 @@ class MessageQueries:
             row["sending"] = bool(row["sending"])
             return row
 
+    async def leader_schedule(self) -> tuple[str, float, int] | None:
+        """``(holder, SEND_INTERVAL_SECONDS, SEND_BATCH_SIZE)`` of the producer that leads now (its lease has
+        not lapsed and it recorded its schedule with a tick); None while no producer leads."""
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT holder, send_interval_seconds, send_batch_size FROM producer_lease"
+                " WHERE id = 1 AND expires_at > UTC_TIMESTAMP(6) AND send_interval_seconds IS NOT NULL"
+            )
+            row = await cur.fetchone()
+        return None if row is None else (str(row[0]), float(row[1]), int(row[2]))
+
     async def is_sending(self) -> bool:
         return bool((await self.dispatch_state())["sending"])

@@ -843,16 +843,18 @@ class MessageStore(MessageQueries):
                 (fence.holder, fence.epoch),
             )
 
-    async def record_tick(self, fence: Fence, interval_seconds: float) -> bool:
-        """Record a tick of the lease holder; False (and nothing recorded) if the previous tick was another
-        lease's less than an interval ago: a new leader waits out its predecessor's interval, so a failover
-        never doubles the rate. Its own ticks follow its schedule."""
+    async def record_tick(self, fence: Fence, interval_seconds: float, batch_size: int | None = None) -> bool:
+        """Record a tick of the lease holder and its schedule (``interval_seconds``, ``batch_size``); False (and
+        nothing recorded) if the previous tick was another lease's less than an interval ago: a new leader
+        waits out its predecessor's interval, so a failover never doubles the rate. Its own ticks follow its
+        schedule."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             changed = await cur.execute(
-                "UPDATE producer_lease SET last_tick_at = UTC_TIMESTAMP(6), tick_epoch = epoch"
+                "UPDATE producer_lease SET last_tick_at = UTC_TIMESTAMP(6), tick_epoch = epoch,"
+                " send_interval_seconds = %s, send_batch_size = %s"
                 " WHERE id = 1 AND holder = %s AND epoch = %s AND expires_at > UTC_TIMESTAMP(6)"
                 " AND (tick_epoch <=> epoch OR last_tick_at IS NULL"
                 " OR last_tick_at <= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)",
-                (fence.holder, fence.epoch, _micros(interval_seconds)),
+                (interval_seconds, batch_size, fence.holder, fence.epoch, _micros(interval_seconds)),
             )
             return bool(changed)

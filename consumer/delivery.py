@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from common.batching import Batcher
 from common.db import error_text, is_transient
-from common.models import Delivery, Outcome, is_outcome_unknown, outcome_unknown
+from common.models import Delivery, Outcome, is_outcome_unknown, mask_recipient, outcome_unknown
 from common.settings import Settings
 from common.store import MessageStore, Recorded
 from consumer import metrics
@@ -160,7 +160,16 @@ class Deliveries:
                 continue
             metrics.DELIVERIES.labels(outcome.kind).inc()
             if outcome.kind == "sent":
-                log.debug("message %d sent", outcome.id, extra=extra)
+                log.info(
+                    "message %d sent to %s in %d ms (attempt %d%s, messageId %s)",
+                    outcome.id,
+                    mask_recipient(row.recipient),
+                    outcome.duration_ms,
+                    outcome.attempt,
+                    ", fallback provider" if outcome.provider == "fallback" else "",
+                    outcome.remote_message_id or "none",
+                    extra=extra,
+                )
                 sent_at = recorded.sent_at.get(outcome.id)
                 if outcome.remote_message_id and sent_at is not None:
                     entries.append((outcome.remote_message_id, outcome.id, sent_at))

@@ -77,6 +77,7 @@ class Producer:
         self.db_back_at = 0.0  # when the renewal found MySQL again after failing (monotonic)
         self.last_loop = time.monotonic()
         self.amqp_down_since: float | None = None
+        self.last_tick_state: tuple[bool, bool | None] | None = None  # (leader, sending) of the last tick
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -164,7 +165,8 @@ class Producer:
         try:
             fence = self.fence
             report.leader = fence is not None
-            if fence is not None and not await self.store.record_tick(fence, self.settings.send_interval_seconds):
+            schedule = (self.settings.send_interval_seconds, self.settings.send_batch_size)
+            if fence is not None and not await self.store.record_tick(fence, *schedule):
                 log.info("tick: leader, waiting out the previous leader's interval")
                 return report
             if fence is not None:
@@ -179,7 +181,12 @@ class Producer:
         except Exception as exc:
             self._failed("tick", exc)
             return report
-        log.info(
+        # A tick that did nothing, in the same role and switch state as the one before, is not news: DEBUG.
+        moved = report.claimed or report.published or report.released or report.republished or report.swept
+        state = (report.leader, report.sending)
+        quiet, self.last_tick_state = not moved and state == self.last_tick_state, state
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "tick: %s, sending %s, claimed %d, published %d, released %d, stale re-published %d, swept %d",
             "leader" if report.leader else "standby",
             {None: "-", True: "on", False: "off"}[report.sending],

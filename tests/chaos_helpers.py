@@ -408,3 +408,14 @@ async def outage(server: PrivateServer) -> AsyncIterator[PrivateServer]:
         yield server
     finally:
         await server.start()
+
+
+async def ticks_seen(store: MessageStore, n: int) -> None:
+    """Wait until the leader has ticked ``n`` more times."""
+    seen: set[Any] = set()
+
+    async def check() -> bool:
+        seen.add((await store.dispatch_state())["last_tick_at"])
+        return len(seen - {None}) > n
+
+    await wait_for(check, 20, f"{n} ticks")

@@ -3,13 +3,16 @@ against the database."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import io
 import json
 import logging
 import math
+import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +27,7 @@ from common.settings import Secret, Settings
 from common.store import MessageStore
 from deploy.devsupport import amqp_credentials
 from gateway.app import create_app
+from tests.chaos_helpers import ticks_seen
 from tests.conftest import sql
 from tests.procs import Cluster, Service, StandIn, free_port, wait_for
 from tests.test_gateway import fail, send
@@ -476,3 +480,34 @@ def test_every_secret_is_scrubbed_whatever_its_length() -> None:
         text = "\n".join(_log_with(formatter, emit))
         assert "Q" not in text and "pw" not in text and "0b7e2c1a" not in text, text
         assert "https://webhook.site/0b7e***" in text, "scheme, host and the first characters of the path stay"
+
+
+async def test_make_run_says_each_sent_message_and_keeps_idle_ticks_quiet(
+    settings: Settings, store: MessageStore, cluster: Cluster, standin: StandIn, env: dict[str, str]
+) -> None:
+    """What `make run` prints (text logs at INFO): one line per sent message (its id, the recipient masked, how
+    long the webhook took, the attempt, the messageId); a producer with nothing to send logs its first tick and
+    not one line per interval after it; `make demo` names the running producer's interval and batch, not its
+    own environment's."""
+    producer = cluster.start("producer", SEND_INTERVAL_SECONDS="0.2", SEND_BATCH_SIZE="7")
+    await ticks_seen(store, 3)
+    logged = producer.log().count("tick: ")  # its first ticks: standby, then leader (a change is news)
+    await ticks_seen(store, 5)
+    assert producer.log().count("tick: ") == logged <= 2, producer.log()
+
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", "demo", "--count", "2",
+        env={**os.environ, **env, "SEND_INTERVAL_SECONDS": "120", "SEND_BATCH_SIZE": "2"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(demo.communicate(), 60)
+    assert demo.returncode == 0, out
+    assert "sends 7 every 0.2s" in out.decode(), out
+
+    ids = [await store.create("+905551234567", "hello")]
+    consumer = cluster.start("consumer")
+    await wait_for(lambda: all_finished(settings), 30, "every message sent")
+    (line,) = [x for x in consumer.log().splitlines() if f"message {ids[0]} sent to " in x]
+    assert re.search(rf"message {ids[0]} sent to \+•+4567 in \d+ ms \(attempt 1, messageId [0-9a-f-]{{36}}\)", line)
+    assert "+905551234567" not in consumer.log()
+    assert producer.log().count("tick: ") >= 2  # the ticks that claimed are news

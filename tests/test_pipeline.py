@@ -16,6 +16,7 @@ from common import topology
 from common.models import OUTCOME_UNKNOWN
 from common.settings import Settings
 from common.store import MessageStore
+from tests.chaos_helpers import ticks_seen
 from tests.conftest import sql
 from tests.procs import Cluster, StandIn, wait_for
 
@@ -68,17 +69,6 @@ async def test_hand_inserted_rows_go_out_oldest_first_a_batch_per_tick_exactly_o
         cached = await redis_client.hgetall(f"{settings.redis_prefix}message:{r['remote_message_id']}")
         assert cached[b"message_id"] == str(r["id"]).encode()
         assert cached[b"sent_at"].endswith(b"Z")
-
-
-async def ticks_seen(store: MessageStore, n: int) -> None:
-    """Wait until the leader has ticked ``n`` more times."""
-    seen: set[Any] = set()
-
-    async def check() -> bool:
-        seen.add((await store.dispatch_state())["last_tick_at"])
-        return len(seen - {None}) > n
-
-    await wait_for(check, 20, f"{n} ticks")
 
 
 async def test_stop_holds_everything_across_restarts_and_start_resumes(
