@@ -94,6 +94,12 @@ class NewMessage:
         return now if self.send_at is None or self.send_at < now else self.send_at
 
 
+def _later(message: NewMessage, now: dt.datetime) -> dt.datetime | None:
+    """Its ``send_at`` if that is after ``now``; None for "now" (the statement fills in the shared time)."""
+    due = message.due(now)
+    return due if due != now else None
+
+
 @dataclass(frozen=True, slots=True)
 class Idempotency:
     """The ``Idempotency-Key`` of a create request and the fingerprint of the request it names."""
@@ -280,13 +286,18 @@ class MessageStore(MessageQueries):
                     await cur.nextset()
                     now, step = await cur.fetchone()
                     counted = True
+                    # The time every row shares is sent once (escaping three datetimes a row was a fifth of
+                    # a batch's time in the gateway); a send_at is sent only when it is in the future.
+                    await cur.execute("SET @message_sender_now = %s", (now,))
                     for start in range(0, len(items), INSERT_CHUNK):
                         chunk = items[start : start + INSERT_CHUNK]
                         await cur.execute(
                             "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at)"
-                            " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(chunk)),
-                            [v for m in chunk for v in (m.recipient, m.content, m.due(now), m.priority, now, now)],
-                        )
+                            " VALUES "
+                            + ", ".join(["(%s, %s, IFNULL(%s, @message_sender_now), %s, @message_sender_now,"
+                                         " @message_sender_now)"] * len(chunk)),
+                            [v for m in chunk for v in (m.recipient, m.content, _later(m, now), m.priority)],
+                        )  # fmt: skip
                         # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
                         # guaranteed by innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked, so that a
                         # server that interleaves them refuses the batch (nothing created) instead of answering
