@@ -507,7 +507,11 @@ async def test_make_run_says_each_sent_message_and_keeps_idle_ticks_quiet(
     ids = [await store.create("+905551234567", "hello")]
     consumer = cluster.start("consumer")
     await wait_for(lambda: all_finished(settings), 30, "every message sent")
-    (line,) = [x for x in consumer.log().splitlines() if f"message {ids[0]} sent to " in x]
+
+    async def sent_lines() -> list[str]:  # the line follows the commit: the row says sent a moment before it
+        return [x for x in consumer.log().splitlines() if f"message {ids[0]} sent to " in x]
+
+    (line,) = await wait_for(sent_lines, 10, "the consumer's line about the message")
     assert re.search(rf"message {ids[0]} sent to \+•+4567 in \d+ ms \(attempt 1, messageId [0-9a-f-]{{36}}\)", line)
     assert "+905551234567" not in consumer.log()
     assert producer.log().count("tick: ") >= 2  # the ticks that claimed are news
