@@ -48,9 +48,9 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> None:
         schedule = await store.leader_schedule()
         if schedule is None:
             print(
-                f"inserted {args.count} pending messages; no producer is running: once one runs with this"
-                f" environment, {settings.send_batch_size} go out every {settings.send_interval_seconds:g}s"
-                " while sending is on"
+                f"inserted {args.count} pending messages; no producer leads right now (or it has not recorded"
+                f" its schedule yet): one run with this environment sends {settings.send_batch_size} every"
+                f" {settings.send_interval_seconds:g}s while sending is on"
             )
         else:
             holder, interval, batch = schedule

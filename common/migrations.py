@@ -273,7 +273,7 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
         9,
         "the leader's schedule (its SEND_INTERVAL_SECONDS and SEND_BATCH_SIZE), recorded with each tick",
         [
-            # What the running system does, for `message-sender demo` and /stats, whatever their own environment says.
+            # What the running system does, for `message-sender demo`, whatever the caller's own environment says.
             "ALTER TABLE producer_lease ADD COLUMN send_interval_seconds DOUBLE NULL,"
             " ADD COLUMN send_batch_size INT UNSIGNED NULL",
         ],

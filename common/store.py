@@ -854,7 +854,7 @@ class MessageStore(MessageQueries):
                 (fence.holder, fence.epoch),
             )
 
-    async def record_tick(self, fence: Fence, interval_seconds: float, batch_size: int | None = None) -> bool:
+    async def record_tick(self, fence: Fence, interval_seconds: float, batch_size: int) -> bool:
         """Record a tick of the lease holder and its schedule (``interval_seconds``, ``batch_size``); False (and
         nothing recorded) if the previous tick was another lease's less than an interval ago: a new leader
         waits out its predecessor's interval, so a failover never doubles the rate. Its own ticks follow its

@@ -160,16 +160,17 @@ class Deliveries:
                 continue
             metrics.DELIVERIES.labels(outcome.kind).inc()
             if outcome.kind == "sent":
-                log.info(
-                    "message %d sent to %s in %d ms (attempt %d%s, messageId %s)",
-                    outcome.id,
-                    mask_recipient(row.recipient),
-                    outcome.duration_ms,
-                    outcome.attempt,
-                    ", fallback provider" if outcome.provider == "fallback" else "",
-                    outcome.remote_message_id or "none",
-                    extra=extra,
-                )
+                if log.isEnabledFor(logging.INFO):  # the masking is not paid for when nobody reads it
+                    log.info(
+                        "message %d sent to %s in %d ms (attempt %d%s, messageId %s)",
+                        outcome.id,
+                        mask_recipient(row.recipient),
+                        outcome.duration_ms,
+                        outcome.attempt,
+                        ", fallback provider" if outcome.provider == "fallback" else "",
+                        outcome.remote_message_id or "none",
+                        extra=extra,
+                    )
                 sent_at = recorded.sent_at.get(outcome.id)
                 if outcome.remote_message_id and sent_at is not None:
                     entries.append((outcome.remote_message_id, outcome.id, sent_at))

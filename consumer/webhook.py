@@ -56,7 +56,10 @@ def _peer_closed(transport: asyncio.BaseTransport | None) -> bool:
         return True
     # A second socket object on the same descriptor (family, type and protocol given, so no syscalls to
     # learn them; detached afterwards, so it never closes the descriptor): one recv per reused connection.
-    sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
+    try:
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
+    except OSError:
+        return True  # no usable descriptor: dropped like a closed one (its pool slot comes back)
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:

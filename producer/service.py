@@ -165,8 +165,8 @@ class Producer:
         try:
             fence = self.fence
             report.leader = fence is not None
-            schedule = (self.settings.send_interval_seconds, self.settings.send_batch_size)
-            if fence is not None and not await self.store.record_tick(fence, *schedule):
+            interval, batch = self.settings.send_interval_seconds, self.settings.send_batch_size
+            if fence is not None and not await self.store.record_tick(fence, interval, batch):
                 log.info("tick: leader, waiting out the previous leader's interval")
                 return report
             if fence is not None:
