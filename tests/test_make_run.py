@@ -232,3 +232,19 @@ def test_a_malformed_setting_is_one_line_and_exit_2(tmp_path: Path, run_id: str)
         assert "Traceback" not in run.output()
     finally:
         run.close()
+
+
+def test_a_fresh_install_prints_no_setuptools_warning(tmp_path: Path) -> None:
+    """`make run` from a fresh clone installs the project the way the Makefile does; setuptools says nothing
+    (`package-dir = {"" = "."}` in pyproject.toml: a flat layout that setuptools links with one .pth line)."""
+    venv = tmp_path / "venv"
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True, capture_output=True, timeout=300)  # as the Makefile does
+    result = subprocess.run(
+        [*pip, "--no-deps", "-e", str(ROOT)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    said = result.stdout + result.stderr
+    for noise in ("Warning", "!!", "package would be ignored", "license"):
+        assert noise not in said, said
