@@ -241,9 +241,7 @@ def test_a_fresh_install_prints_no_setuptools_warning(tmp_path: Path) -> None:
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True, capture_output=True, timeout=300)  # as the Makefile does
-    result = subprocess.run(
-        [*pip, "--no-deps", "-e", str(ROOT)], capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     said = result.stdout + result.stderr
     for noise in ("Warning", "!!", "package would be ignored", "license"):
