@@ -339,7 +339,7 @@ def test_the_test_image_has_the_test_extras_and_what_the_suite_starts() -> None:
     assert image == "base", "the test image shares the services' base"
     steps = " ".join(arg for op, arg in target_steps("test") if op == "RUN")
     assert "pip install -e '.[test]'" in steps
-    for package in ("make", "mariadb-server", "redis-server", "rabbitmq-server", "chromium"):
+    for package in ("make", "mariadb-server", "redis-server", "rabbitmq-server", "chromium", "docker-compose"):
         assert re.search(rf"\b{package}\b", steps), f"the test image lacks {package}"
 
 
