@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 .PHONY: help install run test lint bench chaos demo migrate services up down clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 # What running needs (make run, demo, migrate); everything else adds the test extras on top (pytest,
 # playwright, schemathesis, mypy...): a user who only runs the system never installs the test tools.
@@ -63,11 +63,25 @@ images: $(STAMP) ## build every service image from deploy/Dockerfile (podman if 
 test-images: $(STAMP) ## build the images, prove each container alone and docker-compose.yml end to end
 	$(BIN)/python deploy/images.py prove
 
-up: ## docker compose up --build (the full stack in containers)
-	docker compose up --build
+# The stack in containers (docker compose, or podman-compose where only podman exists). SERVERS=compose: the
+# MySQL, Redis and RabbitMQ of docker-compose.yml; SERVERS=host: this host's (deploy/compose.host.yml).
+# Plain python3: a user with only a container engine needs no venv (podman-compose: `make install` or pip).
+.PHONY: docker-build docker-down test-docker
+SERVERS ?= compose
+DOCKER_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 
-down: ## docker compose down
-	docker compose down
+docker-build: ## build the images and start the whole stack (SERVERS=host: against this host's servers)
+	$(DOCKER_PY) deploy/images.py up --servers $(SERVERS)
+
+docker-down: ## stop and remove the stack's containers (the same SERVERS as docker-build)
+	$(DOCKER_PY) deploy/images.py down --servers $(SERVERS)
+
+test-docker: ## make test inside the project's test image, against the servers on this host (host networking)
+	$(DOCKER_PY) deploy/images.py test
+
+up: docker-build ## the same as docker-build
+
+down: docker-down ## the same as docker-down
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -465,9 +465,142 @@ def prove_compose(engine: Engine) -> None:
                 engine.run("rmi", f"{project}_{target}", f"{project}-{target}", check=False)
 
 
+# --- make docker-build / docker-down: the stack in containers ----------------------------------------------------
+
+SERVERS = ("compose", "host")
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def compose_tool(engine: Engine) -> list[str]:
+    """``docker compose`` with docker; with podman, podman-compose (from the test extras' venv or the PATH)."""
+    if not engine.podman:
+        return ["docker", "compose"]
+    beside = Path(sys.executable).parent / "podman-compose"
+    found = str(beside) if beside.exists() else shutil.which("podman-compose")
+    if found is None:
+        raise Failed("podman-compose is not installed: `make install` (with the test extras) or pip install it")
+    return [found]
+
+
+def compose_command(engine: Engine, servers: str) -> list[str]:
+    files = ["-f", str(COMPOSE)] + (["-f", str(COMPOSE_OVERRIDE)] if servers == "host" else [])
+    return [*compose_tool(engine), *files]
+
+
+def shown(command: list[str]) -> str:
+    """A compose command as a user would type it in the repository (tool and files by their short names)."""
+    return " ".join(Path(a).name if a == command[0] else os.path.relpath(a, ROOT) if a.startswith("/") else a
+                    for a in command)  # fmt: skip
+
+
+def server_images() -> list[str]:
+    """The images of docker-compose.yml's servers (MySQL, Redis, RabbitMQ): pulled, never built."""
+    block = re.search(r"^services:\n(.*?)^  standin:", COMPOSE.read_text(), re.MULTILINE | re.DOTALL)
+    return re.findall(r"^    image:\s*(\S+)", block.group(1) if block else "", re.MULTILINE)
+
+
+def ensure_server_images(engine: Engine) -> None:
+    """Every server image is there or can be pulled; otherwise say how to run against this host's servers."""
+    for image in server_images():
+        if engine.has_image(image):
+            continue
+        log(f"pulling {image}")
+        pulled = engine.run("pull", image, check=False, timeout=900)
+        if pulled.returncode != 0:
+            raise Failed(
+                f"the server image {image} is missing and cannot be pulled ({pulled.stderr.strip()[-300:]}).\n"
+                "Run the services against MySQL, Redis and RabbitMQ on this host instead: "
+                "make docker-build SERVERS=host (deploy/compose.host.yml)"
+            )
+
+
+def up(engine: Engine, servers: str) -> None:
+    """Build the images, start the stack detached, wait for the gateway's /readyz, say where everything is."""
+    ensure_base(engine)
+    if servers == "compose":
+        ensure_server_images(engine)
+    command = compose_command(engine, servers)
+    for args in (["build"], ["up", "-d"]):
+        log(" ".join(["compose", *args]))
+        result = subprocess.run([*command, *args], env=engine.env, cwd=ROOT, timeout=1800)
+        if result.returncode != 0:
+            raise Failed(f"compose {' '.join(args)} failed ({result.returncode}); see its output above")
+    gateway = int(os.environ.get("GATEWAY_PORT", "8080"))
+    standin = int(os.environ.get("STANDIN_PORT", "8081"))
+    base = f"http://127.0.0.1:{gateway}"
+    down = "make docker-down" + (" SERVERS=host" if servers == "host" else "")
+    try:
+        wait_for("the gateway's /readyz is ready", answers(f"{base}/readyz"), timeout=300)
+    except Failed as exc:
+        raise Failed(f"{exc}; its logs: {shown(command)} logs gateway; stop it: {down}") from None
+    for line in (f"Dashboard    {base}/", f"API          {base}/messages", f"Swagger      {base}/swagger/index.html",
+                 f"stand-in     http://127.0.0.1:{standin}/webhook (what it got: /_control/received)",
+                 f"logs         {shown(command)} logs -f", f"stop         {down}"):  # fmt: skip
+        log(line)
+
+
+def down(engine: Engine, servers: str) -> None:
+    result = subprocess.run([*compose_command(engine, servers), "down"], env=engine.env, cwd=ROOT, timeout=600)
+    if result.returncode != 0:
+        raise Failed(f"compose down failed ({result.returncode})")
+
+
+# --- make test-docker: the test suite inside the `test` image ----------------------------------------------------
+
+TEST_IMAGE = "message-sender-test"
+# What the suite reads to find the servers (as `make test` on this host would) and how it runs.
+PASSED_ON = ("MYSQL_HOST", "MYSQL_PORT", "MYSQL_USER", "MYSQL_PASSWORD", "REDIS_URL", "AMQP_URL", "AMQP_QUEUE_TYPE",
+             "RABBITMQ_MANAGEMENT_URL", "TEST_WORKERS", "CI")  # fmt: skip
+# rabbitmqctl inside the container administers the host's node (vhosts) when its management API is off: it needs
+# the node's Erlang cookie and the node name of the host's configuration (Debian's paths).
+ERLANG_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
+RABBITMQ_ENV = Path("/etc/rabbitmq/rabbitmq-env.conf")
+
+
+def build_test_image(engine: Engine) -> str:
+    ensure_base(engine)
+    image = f"localhost/{TEST_IMAGE}:latest" if engine.podman else f"{TEST_IMAGE}:latest"
+    extra = ["--pull=never", "--format", "docker"] if engine.podman else []
+    started = time.monotonic()
+    engine.run("build", "-q", *extra, "-f", str(DOCKERFILE), "--target", "test", "-t", image, ".", timeout=1800)
+    log(f"built {image} in {time.monotonic() - started:.0f}s")
+    return image
+
+
+def test_run_args(image: str, name: str, environ: dict[str, str]) -> list[str]:
+    """``run`` arguments for the suite in ``image``: host networking (the host's servers on 127.0.0.1), the
+    host's process table with ptrace rights (the session guard sees which processes serve the server ports,
+    as it does outside), the source mounted at /src, and `make test` with the image's venv."""
+    args = ["run", "--rm", "--name", name, "--network", "host", "--pid", "host", "--uts", "host",
+            "--cap-add", "SYS_PTRACE", "-v", f"{ROOT}:/src", "-w", "/src", "-e", "IN_CONTAINER=1"]  # fmt: skip
+    for var in PASSED_ON:
+        if var in environ:
+            args += ["-e", f"{var}={environ[var]}"]
+    setup = ""
+    if ERLANG_COOKIE.is_file():
+        args += ["-v", f"{ERLANG_COOKIE}:/run/host-erlang-cookie:ro"]
+        setup += "install -o rabbitmq -g rabbitmq -m 400 /run/host-erlang-cookie /var/lib/rabbitmq/.erlang.cookie && "
+    if RABBITMQ_ENV.is_file():
+        args += ["-v", f"{RABBITMQ_ENV}:/etc/rabbitmq/rabbitmq-env.conf:ro"]
+    workers = environ.get("TEST_WORKERS", "2")
+    return [*args, image, "sh", "-c", f"{setup}make test VENV=/opt/venv TEST_WORKERS={workers}"]
+
+
+def test_in_container(engine: Engine) -> int:
+    image = build_test_image(engine)
+    name = f"ms-test-{secrets.token_hex(4)}"
+    log(f"make test inside {image} (container {name}, host networking)")
+    try:
+        return subprocess.run([engine.name, *test_run_args(image, name, dict(os.environ))], env=engine.env).returncode
+    finally:
+        engine.run("rm", "-f", "-t", "10", name, check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("build", "prove"))
+    parser.add_argument("command", choices=("build", "prove", "up", "down", "test"))
+    parser.add_argument("--servers", choices=SERVERS, default=os.environ.get("SERVERS") or "compose",
+                        help="up/down: compose: docker-compose.yml's servers; host: this host's")  # fmt: skip
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     started = time.monotonic()
@@ -475,7 +608,16 @@ def main() -> None:
         try:
             engine = find_engine(Path(workdir))
             log(f"engine: {engine.name}")
-            images = build(engine)
+            if args.command == "up":
+                up(engine, args.servers)
+            elif args.command == "down":
+                down(engine, args.servers)
+            elif args.command == "test":
+                status = test_in_container(engine)
+                log(f"test: exit status {status} in {time.monotonic() - started:.0f}s")
+                sys.exit(status)
+            else:
+                images = build(engine)
             if args.command == "prove":
                 prove_alone(engine, images)
                 prove_compose(engine)

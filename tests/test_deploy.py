@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from common.settings import Settings
+from deploy import images
 
 ROOT = Path(__file__).resolve().parent.parent
 # service -> (the variable naming the port its healthcheck probes, the image's value for it)
@@ -311,3 +312,57 @@ def test_every_published_port_is_on_this_machine_unless_opened_on_purpose(tmp_pa
     assert opened["gateway"]["environment"]["API_TOKEN"] == "t" * 32
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^ENV .*\bGATEWAY_HOST=0\.0\.0\.0\b", dockerfile, re.M), "in its container it listens on all"
+
+
+# --- make docker-build / docker-down / test-docker (deploy/images.py up, down, test) -----------------------------
+
+
+def make_dry_run(*args: str) -> str:
+    result = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_runs_the_stack_and_the_tests_in_containers() -> None:
+    assert "images.py up --servers compose" in make_dry_run("docker-build")
+    assert "images.py up --servers host" in make_dry_run("docker-build", "SERVERS=host")
+    assert "images.py down --servers host" in make_dry_run("docker-down", "SERVERS=host")
+    assert "images.py test" in make_dry_run("test-docker")
+    assert make_dry_run("up") == make_dry_run("docker-build") and make_dry_run("down") == make_dry_run("docker-down")
+    readme = (ROOT / "README.md").read_text()
+    for target in ("make docker-build", "make test-docker", "SERVERS=host", "make docker-down"):
+        assert target in readme, f"the README does not mention {target}"
+
+
+def test_the_test_image_has_the_test_extras_and_what_the_suite_starts() -> None:
+    image, _ = stages()["test"]
+    assert image == "base", "the test image shares the services' base"
+    steps = " ".join(arg for op, arg in target_steps("test") if op == "RUN")
+    assert "pip install -e '.[test]'" in steps
+    for package in ("make", "mariadb-server", "redis-server", "rabbitmq-server", "chromium", "docker-compose"):
+        assert re.search(rf"\b{package}\b", steps), f"the test image lacks {package}"
+
+
+def test_the_suite_runs_on_the_hosts_network_and_sees_its_server_processes() -> None:
+    args = images.test_run_args("img", "ms-test-x", {"MYSQL_PORT": "3307", "HOME": "/somewhere"})
+    assert args[:2] == ["run", "--rm"] and args[args.index("--network") + 1] == "host"
+    assert args[args.index("--pid") + 1] == "host" and "SYS_PTRACE" in args, "the session guard must see the servers"
+    assert "MYSQL_PORT=3307" in args and not any(a.startswith("HOME=") for a in args)
+    assert args[-1].endswith("make test VENV=/opt/venv TEST_WORKERS=2") and f"{ROOT}:/src" in args
+
+
+class NoPull(images.Engine):
+    """An engine with no image at all and no registry to pull from."""
+
+    def __init__(self) -> None:
+        super().__init__("podman", {})
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess([self.name, *args], 125, "", "Error: unable to pull: no such host")
+
+
+def test_missing_server_images_that_cannot_be_pulled_name_the_host_servers_option() -> None:
+    assert [i.split(":")[0] for i in images.server_images()] == ["mysql", "redis", "rabbitmq"]
+    with pytest.raises(images.Failed, match=r"make docker-build SERVERS=host") as failed:
+        images.ensure_server_images(NoPull())
+    assert "mysql:" in str(failed.value) and "cannot be pulled" in str(failed.value)
