@@ -278,6 +278,14 @@ MIGRATIONS: list[tuple[int, str, list[Step]]] = [
             " ADD COLUMN send_batch_size INT UNSIGNED NULL",
         ],
     ),
+    (
+        10,
+        "the W3C traceparent of the request that created a message (tracing; NULL when off or inserted by hand)",
+        [
+            # Read by the producer's claim only when tracing is on: its publish span continues the request's trace.
+            "ALTER TABLE messages ADD COLUMN traceparent VARCHAR(55) NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from common import tracing
 from common.errors import SettingsError
 from common.logs import secrets_of, setup_logging
 from common.settings import Settings
@@ -36,6 +38,8 @@ def run_service(name: str, body: Callable[[Settings, asyncio.Event], Awaitable[N
     """Run ``body(settings, stop)`` until it returns; SIGTERM/SIGINT set ``stop`` (a second one kills)."""
     settings = load_settings(name)
     setup_logging(settings.log_level, settings.log_format, secrets_of(settings))
+    if tracing.setup(name):
+        log.info("tracing on: spans exported to %s", os.environ.get(tracing.ENDPOINT_VAR))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -59,4 +63,6 @@ def run_service(name: str, body: Callable[[Settings, asyncio.Event], Awaitable[N
             log.error("%s", exc)
             print(f"{name}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        finally:
+            tracing.shutdown()
     log.info("%s stopped", name)

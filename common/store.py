@@ -254,12 +254,21 @@ class MessageStore(MessageQueries):
 
     # --- creating --------------------------------------------------------------------------------
 
-    async def create(self, recipient: str, content: str) -> int:
+    async def create(self, recipient: str, content: str, traceparent: str | None = None) -> int:
+        """Insert one ``pending`` message; ``traceparent``: the W3C context of the request (tracing on)."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("INSERT INTO messages (recipient, content) VALUES (%s, %s)", (recipient, content))
+            if traceparent is None:
+                await cur.execute("INSERT INTO messages (recipient, content) VALUES (%s, %s)", (recipient, content))
+            else:
+                await cur.execute(
+                    "INSERT INTO messages (recipient, content, traceparent) VALUES (%s, %s, %s)",
+                    (recipient, content, traceparent[:55]),
+                )
             return int(cur.lastrowid)
 
-    async def create_messages(self, items: Sequence[NewMessage], idempotency: Idempotency | None = None) -> Created:
+    async def create_messages(
+        self, items: Sequence[NewMessage], idempotency: Idempotency | None = None, traceparent: str | None = None
+    ) -> Created:
         """Insert ``items`` as ``pending`` messages in one transaction, in multi-row statements of up to
         :data:`INSERT_CHUNK` rows; returns their ids in order. A ``send_at`` in the past (or none) means now.
 
@@ -288,14 +297,18 @@ class MessageStore(MessageQueries):
                     counted = True
                     # The time every row shares is sent once (escaping three datetimes a row was a fifth of
                     # a batch's time in the gateway); a send_at is sent only when it is in the future.
-                    await cur.execute("SET @message_sender_now = %s", (now,))
+                    # The request's traceparent (tracing on; NULL otherwise) is the same for every row too.
+                    await cur.execute(
+                        "SET @message_sender_now = %s, @message_sender_tp = %s",
+                        (now, traceparent[:55] if traceparent else None),
+                    )
                     for start in range(0, len(items), INSERT_CHUNK):
                         chunk = items[start : start + INSERT_CHUNK]
                         await cur.execute(
-                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at)"
-                            " VALUES "
+                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at,"
+                            " traceparent) VALUES "
                             + ", ".join(["(%s, %s, IFNULL(%s, @message_sender_now), %s, @message_sender_now,"
-                                         " @message_sender_now)"] * len(chunk)),
+                                         " @message_sender_now, @message_sender_tp)"] * len(chunk)),
                             [v for m in chunk for v in (m.recipient, m.content, _later(m, now), m.priority)],
                         )  # fmt: skip
                         # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
@@ -428,6 +441,14 @@ class MessageStore(MessageQueries):
         return row
 
     # --- the producer's side --------------------------------------------------------------------
+
+    async def traceparents(self, ids: Sequence[int]) -> dict[int, str | None]:
+        """The stored ``traceparent`` of each of ``ids`` (read by the producer only while tracing is on)."""
+        if not ids:
+            return {}
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"SELECT id, traceparent FROM messages WHERE id IN ({_in(ids)})", list(ids))
+            return {int(i): tp for i, tp in await cur.fetchall()}
 
     async def claim(self, limit: int, fence: Fence | None = None, budget: bool = False) -> list[int]:
         """Move up to ``limit`` due ``pending`` rows to ``queued``, ``high`` priority first, then ``normal``,

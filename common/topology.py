@@ -23,6 +23,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from common import tracing
 from common.errors import SettingsError
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,14 @@ class Topology:
         self.dispatch_queue = dispatch_queue
         self.dead_letter_queue = dead_letter_queue
 
-    async def publish_ids(self, ids: Sequence[int], chunk: int = DISPATCH_CHUNK) -> list[int]:
+    async def publish_ids(
+        self, ids: Sequence[int], chunk: int = DISPATCH_CHUNK, traceparents: Mapping[int, str] | None = None
+    ) -> list[int]:
         """Publish the ids in persistent, mandatory messages of up to ``chunk`` ids each and wait for all
         publisher confirms at once. Returns the ids whose publish was not confirmed (nacked, returned,
         failed): the caller puts those rows back."""
         chunks = [list(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
-        results = await asyncio.gather(*(self._publish_chunk(c) for c in chunks), return_exceptions=True)
+        results = await asyncio.gather(*(self._publish_chunk(c, traceparents) for c in chunks), return_exceptions=True)
         failed: list[int] = []
         for part, result in zip(chunks, results, strict=True):
             if isinstance(result, BaseException):
@@ -72,9 +75,12 @@ class Topology:
                 failed.extend(part)
         return failed
 
-    async def _publish_chunk(self, ids: list[int]) -> None:
+    async def _publish_chunk(self, ids: list[int], traceparents: Mapping[int, str] | None = None) -> None:
+        message = dispatch_message(ids)
+        if traceparents:  # tracing on: each id's publish span, for the consumer's spans (common.tracing)
+            message.headers[tracing.HEADER] = tracing.encode({i: traceparents[i] for i in ids if i in traceparents})
         await self.dispatch.publish(
-            dispatch_message(ids), routing_key=DISPATCH_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
+            message, routing_key=DISPATCH_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
         )
 
     async def dispatch_ready(self) -> int:

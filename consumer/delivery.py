@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from common import tracing
 from common.batching import Batcher
 from common.db import error_text, is_transient
 from common.models import Delivery, Outcome, is_outcome_unknown, mask_recipient, outcome_unknown
@@ -64,13 +65,21 @@ class Deliveries:
         self.db_down = False
         self.last_progress = time.monotonic()  # when an outcome was last committed (for /healthz)
 
-    async def process(self, message_id: int) -> bool:
-        """Take one id through the steps above; False if the id is unknown (no such row)."""
+    async def process(self, message_id: int, traceparent: str | None = None) -> bool:
+        """Take one id through the steps above; False if the id is unknown (no such row). With tracing on, in
+        a span whose parent is the producer's publish span (``traceparent``, from the AMQP headers)."""
+        if not tracing.enabled():
+            return await self._process(message_id)
+        with tracing.span("consumer delivery", parent=traceparent, root=True, attributes={"message.id": message_id}):
+            return await self._process(message_id)
+
+    async def _process(self, message_id: int) -> bool:
         token = secrets.randbits(63)  # kept across retries of the statement: a lost answer cannot hide a won row
         async with self.slots:
             # Delivery control waits here, before the compare-and-set: a waiting message spends no attempt.
             ticket = await self.control.admit() if self.control is not None else None
-            row = await self._persist(lambda: self.starts.submit((message_id, token)), "compare-and-set")
+            with tracing.span("compare-and-set", attributes={"message.id": message_id}):
+                row = await self._persist(lambda: self.starts.submit((message_id, token)), "compare-and-set")
             if row is None:
                 return False
             if not row.won_by(token):
@@ -85,13 +94,15 @@ class Deliveries:
             if ticket is not None:
                 await ticket.on_time()
             try:
-                outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
+                with tracing.span("webhook request", attributes={"message.id": message_id}):  # its traceparent is sent
+                    outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
             except Exception as exc:
                 log.exception("message %d: delivery failed unexpectedly", message_id, extra={"message_id": message_id})
                 outcome = self.webhook.unexpected(row, token, exc)
             if ticket is not None:
                 await self._report(ticket, outcome)
-        await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
+        with tracing.span("outcome commit", attributes={"message.id": message_id, "outcome": outcome.kind}):
+            await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
         return True
 
     async def _report(self, ticket: Ticket, outcome: Outcome) -> None:

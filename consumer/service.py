@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as redis
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from common import topology
+from common import topology, tracing
 from common.cache import MessageCache
 from common.db import SERVICE_READ_TIMEOUT_SECONDS, pool_ctx
 from common.metrics import start_listener
@@ -193,7 +193,10 @@ class Consumer:
         if ids is None:
             await self._reject(message, "malformed body", message.body[:200])
             return
-        results = await asyncio.gather(*(self.deliveries.process(i) for i in ids), return_exceptions=True)
+        carried = tracing.decode((message.headers or {}).get(tracing.HEADER)) if tracing.enabled() else {}
+        results = await asyncio.gather(
+            *(self.deliveries.process(i, carried.get(i)) for i in ids), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result

@@ -90,6 +90,7 @@ class StandIn:
             "status": None,
             "messageId": message_id,
             "auth": request.headers.get("x-ins-auth-key"),
+            "traceparent": request.headers.get("traceparent"),  # W3C trace context (the services' tracing)
             "at": time.time(),
         }
         if "webhook-signature" in request.headers:  # signed: keep what a verifier needs (exact bytes)

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from marshmallow import ValidationError
 
+from common import tracing
 from common.models import RECIPIENT_RE, mask_recipient
 from common.store import Idempotency, NewMessage
 from gateway.auth import SECURITY
@@ -253,10 +254,11 @@ async def create_message(request: web.Request) -> web.Response:
     store = request.app[STORE]
     idempotency = _idempotency(request, data)
     if idempotency is None and payload["send_at"] is None and payload["priority"] == "normal":
-        message_id = await store.create(payload["recipient"], payload["content"])  # the seed's fast path
+        # the seed's fast path
+        message_id = await store.create(payload["recipient"], payload["content"], tracing.current_traceparent())
         replayed = False
     else:
-        created = await store.create_messages([_new_message(payload)], idempotency)
+        created = await store.create_messages([_new_message(payload)], idempotency, tracing.current_traceparent())
         (message_id,), replayed = created.ids, created.replayed
     row = await store.get(message_id)
     if row is None:  # deleted between the two statements: a server-side anomaly (500)
@@ -338,7 +340,7 @@ async def create_batch(request: web.Request) -> web.Response:
         ) from None
     store = request.app[STORE]
     items = [_new_message(m) for m in payload["messages"]]
-    created = await store.create_messages(items, _idempotency(request, data))
+    created = await store.create_messages(items, _idempotency(request, data), tracing.current_traceparent())
     if created.at is None:  # replayed: the rows as they are now
         rows = await store.created_json(sorted(created.ids))
         return web.Response(text='{"messages":' + rows + "}", content_type="application/json")

@@ -28,7 +28,7 @@ import aiomysql
 import orjson
 import pymysql
 
-from common import topology
+from common import topology, tracing
 from common.db import SERVICE_READ_TIMEOUT_SECONDS, error_text, is_transient, pool_ctx
 from common.errors import LeaseLost
 from common.metrics import start_listener
@@ -268,13 +268,34 @@ class Producer:
     async def _publish(self, ids: list[int], fresh: bool = True) -> tuple[int, int]:
         """Publish claims and record which were confirmed; a fresh claim whose publish failed goes back to
         ``pending`` (a re-published one stays ``queued``, unconfirmed, for the next stale check)."""
-        failed = await self.topology.publish_ids(ids)
+        if tracing.enabled():
+            failed = await self._publish_traced(ids, fresh)
+        else:
+            failed = await self.topology.publish_ids(ids)
         await self.store.mark_published([i for i in ids if i not in set(failed)])
         released = 0
         if failed and fresh:
             released = await self.store.release(failed)
             metrics.RELEASED.inc(released)
         return len(ids) - len(failed), released
+
+    async def _publish_traced(self, ids: list[int], fresh: bool) -> list[int]:
+        """The publish with one span per message: a child of the request that created the row (its stored
+        traceparent), or a new root for a row inserted by hand; its context goes in the AMQP headers."""
+        stored = await self.store.traceparents(ids)
+        spans, carried = {}, {}
+        for i in ids:
+            spans[i], tp = tracing.start_span(
+                "producer publish" if fresh else "producer re-publish", stored.get(i), attributes={"message.id": i}
+            )
+            if tp:
+                carried[i] = tp
+        try:
+            failed = await self.topology.publish_ids(ids, traceparents=carried)
+        finally:
+            for span in spans.values():
+                span.end()
+        return failed
 
     async def maintain(self, report: TickReport, fence: Fence) -> None:
         """The leader's sweeps: settle ``sending`` rows whose lease ran out; re-publish lost claims (at most

@@ -1,0 +1,135 @@
+"""OpenTelemetry tracing, off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the standard variables apply).
+
+With the variable unset nothing of OpenTelemetry is imported and every helper here is a no-op (one check
+of a module global). With it set, :func:`setup` installs a ``TracerProvider`` (``service.name`` = the
+service), a ``BatchSpanProcessor`` and the OTLP/HTTP exporter; :func:`shutdown` flushes within a bound.
+
+One trace per message: the gateway's request span (the aiohttp server instrumentation) is stored with the
+row as a W3C ``traceparent``; the producer's publish span is its child (a new root for a hand-inserted row)
+and travels in the AMQP message's ``traceparents`` header (``id=traceparent,...``: a message may carry
+several ids); the consumer's spans (delivery, compare-and-set, webhook request, outcome commit) are its
+children, and the webhook request carries a ``traceparent`` header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
+HEADER = "traceparents"  # the AMQP header: "id=traceparent,id=traceparent"
+SHUTDOWN_TIMEOUT_MILLIS = 5000
+
+_provider: Any = None
+_tracer: Any = None
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def setup(service: str) -> bool:
+    """Install tracing for ``service`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; True if it is on."""
+    global _provider, _tracer
+    if not os.environ.get(ENDPOINT_VAR) or _tracer is not None:
+        return _tracer is not None
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service})
+    _provider = TracerProvider(resource=resource)
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(_provider)
+    _tracer = trace.get_tracer("message-sender")
+    if service == "gateway":  # a server span per request: every web.Application made from here on gets it
+        from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+
+        AioHttpServerInstrumentor().instrument(tracer_provider=_provider)
+    return True
+
+
+def shutdown() -> None:
+    """Export what is left, waiting at most :data:`SHUTDOWN_TIMEOUT_MILLIS`."""
+    global _provider, _tracer
+    if _provider is None:
+        return
+    with contextlib.suppress(Exception):
+        _provider.force_flush(timeout_millis=SHUTDOWN_TIMEOUT_MILLIS)
+        _provider.shutdown()
+    _provider = _tracer = None
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span; None when tracing is off or no span is recording."""
+    if _tracer is None:
+        return None
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get("traceparent")
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Add the current context's ``traceparent`` to ``headers`` (nothing when off)."""
+    if _tracer is None:
+        return
+    from opentelemetry.propagate import inject as _inject
+
+    _inject(headers)
+
+
+def _context(traceparent: str | None) -> Any:
+    from opentelemetry.context import Context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if not traceparent:
+        return Context()  # a new root
+    return TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+
+
+@contextlib.contextmanager
+def span(
+    name: str, parent: str | None = None, root: bool = False, attributes: Mapping[str, Any] | None = None
+) -> Iterator[Any]:
+    """A span named ``name`` around the block: a child of ``parent`` (a traceparent), of a new root when
+    ``root`` (and no parent), else of the current span. Yields None when tracing is off."""
+    if _tracer is None:
+        yield None
+        return
+    context = _context(parent) if (parent or root) else None
+    with _tracer.start_as_current_span(name, context=context, attributes=attributes) as current:
+        yield current
+
+
+def start_span(name: str, parent: str | None, attributes: Mapping[str, Any] | None = None) -> tuple[Any, str | None]:
+    """A started span (the caller ends it) whose parent is ``parent`` (a new root if None), and its traceparent."""
+    from opentelemetry import trace
+
+    s = _tracer.start_span(name, context=_context(parent), attributes=attributes)
+    carrier: dict[str, str] = {}
+    from opentelemetry.propagate import inject as _inject
+
+    _inject(carrier, context=trace.set_span_in_context(s))
+    return s, carrier.get("traceparent")
+
+
+def encode(traceparents: Mapping[int, str]) -> str:
+    return ",".join(f"{i}={tp}" for i, tp in traceparents.items())
+
+
+def decode(header: object) -> dict[int, str]:
+    """The ``traceparents`` header of an AMQP message as ``{id: traceparent}`` (malformed parts ignored)."""
+    if isinstance(header, bytes):
+        header = header.decode("ascii", "replace")
+    if not isinstance(header, str):
+        return {}
+    found: dict[int, str] = {}
+    for part in header.split(","):
+        key, _, value = part.partition("=")
+        if key.isascii() and key.isdigit() and value:
+            found[int(key)] = value
+    return found

@@ -1,0 +1,175 @@
+"""Tracing end to end: the real OTLP/HTTP exporter of the three real services, into a receiver run here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from common.settings import Settings
+from common.store import MessageStore
+from tests.conftest import sql
+from tests.procs import Cluster, StandIn, free_port, wait_for
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, Any]
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: decodes each ExportTraceServiceRequest into :class:`Span`."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    async def traces(self, request: web.Request) -> web.Response:
+        req = ExportTraceServiceRequest.FromString(await request.read())
+        for rs in req.resource_spans:
+            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.spans.append(
+                        Span(
+                            attrs.get("service.name", ""),
+                            s.name,
+                            s.trace_id.hex(),
+                            s.span_id.hex(),
+                            s.parent_span_id.hex(),
+                            {a.key: a.value.int_value or a.value.string_value for a in s.attributes},
+                        )
+                    )
+        return web.Response(status=200)
+
+    def named(self, service: str, name: str, message_id: int | None = None) -> list[Span]:
+        return [
+            s
+            for s in self.spans
+            if s.service == service
+            and s.name == name
+            and (message_id is None or s.attributes.get("message.id") == message_id)
+        ]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    r = Receiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", r.traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield r, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+TRACED = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
+
+
+def _consumer_spans(r: Receiver, message_id: int) -> dict[str, Span] | None:
+    found = {}
+    for name in ("consumer delivery", "compare-and-set", "webhook request", "outcome commit"):
+        spans = r.named("consumer", name, message_id)
+        if not spans:
+            return None
+        found[name] = spans[0]
+    return found
+
+
+async def _sent(settings: Settings, message_id: int) -> bool:
+    rows = await sql(settings, "SELECT status FROM messages WHERE id = %s", (message_id,))
+    return bool(rows) and rows[0][0] == "sent"
+
+
+async def test_one_trace_from_post_through_publish_webhook_and_commit(
+    settings: Settings, cluster: Cluster, standin: StandIn, receiver: tuple[Receiver, str]
+) -> None:
+    r, endpoint = receiver
+    env = {**TRACED, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    port = free_port()
+    cluster.start("gateway", GATEWAY_PORT=str(port), **env)
+    cluster.start("producer", **env)
+    cluster.start("consumer", **env)
+    async with aiohttp.ClientSession() as http:
+
+        async def post() -> int | None:
+            try:
+                async with http.post(
+                    f"http://127.0.0.1:{port}/messages", json={"recipient": "+905551111111", "content": "traced"}
+                ) as resp:
+                    return int((await resp.json())["id"]) if resp.status == 201 else None
+            except aiohttp.ClientError:
+                return None
+
+        message_id = await wait_for(post, 30, "the gateway to create a message")
+    await wait_for(lambda: _sent(settings, message_id), 30, "the message to be sent")
+    await wait_for(lambda: asyncio.sleep(0, _consumer_spans(r, message_id)), 20, "the consumer's spans")
+    await wait_for(lambda: asyncio.sleep(0, r.named("producer", "producer publish", message_id)), 20, "publish span")
+    await wait_for(lambda: asyncio.sleep(0, r.named("gateway", "POST /messages")), 20, "the gateway's span")
+
+    (post_span,) = r.named("gateway", "POST /messages")
+    (publish,) = r.named("producer", "producer publish", message_id)
+    consumer = _consumer_spans(r, message_id)
+    assert consumer is not None
+    trace_ids = {post_span.trace_id, publish.trace_id, *(s.trace_id for s in consumer.values())}
+    assert trace_ids == {post_span.trace_id}, "one trace links the three services"
+    assert publish.parent_id == post_span.span_id
+    assert consumer["consumer delivery"].parent_id == publish.span_id
+    for name in ("compare-and-set", "webhook request", "outcome commit"):
+        assert consumer[name].parent_id == consumer["consumer delivery"].span_id, name
+    (got,) = [x for x in await standin.received() if x["key"] == str(message_id)]
+    assert got["traceparent"].startswith(f"00-{post_span.trace_id}-{consumer['webhook request'].span_id}-")
+
+
+async def test_a_hand_inserted_row_gets_a_trace_starting_at_the_claim(
+    store: MessageStore, settings: Settings, cluster: Cluster, standin: StandIn, receiver: tuple[Receiver, str]
+) -> None:
+    r, endpoint = receiver
+    env = {**TRACED, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    await sql(settings, "INSERT INTO messages (recipient, content) VALUES ('+905552222222', 'by hand')")
+    (message_id,) = (await sql(settings, "SELECT MAX(id) FROM messages"))[0]
+    cluster.start("producer", **env)
+    cluster.start("consumer", **env)
+    await wait_for(lambda: _sent(settings, int(message_id)), 30, "the message to be sent")
+    await wait_for(lambda: asyncio.sleep(0, _consumer_spans(r, int(message_id))), 20, "the consumer's spans")
+    await wait_for(lambda: asyncio.sleep(0, r.named("producer", "producer publish", int(message_id))), 20, "publish")
+    (publish,) = r.named("producer", "producer publish", int(message_id))
+    assert publish.parent_id == "", "a new root at the claim"
+    consumer = _consumer_spans(r, int(message_id))
+    assert consumer is not None
+    assert {s.trace_id for s in consumer.values()} == {publish.trace_id}
+    assert consumer["consumer delivery"].parent_id == publish.span_id
+
+
+def test_tracing_off_imports_no_opentelemetry() -> None:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT unset, the services import nothing of the tracing: no tracer provider,
+    exporter, instrumentation or propagator. (redis-py imports the OpenTelemetry API and metrics SDK by itself
+    when they are installed, for its own metrics; that is not ours and costs nothing per call.)"""
+    code = (
+        "import sys, gateway.app, gateway.__main__, producer.service, consumer.service, common.service;"
+        "from common import tracing; from common.settings import Settings;"
+        "assert not tracing.setup('gateway'); gateway.app.create_app(Settings.from_env({}, dotenv=None));"
+        "ours = ('opentelemetry.sdk.trace', 'opentelemetry.exporter', 'opentelemetry.instrumentation',"
+        " 'opentelemetry.propagate');"
+        "bad = sorted(m for m in sys.modules if m.startswith(ours)); assert not bad, bad"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
