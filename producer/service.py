@@ -272,7 +272,8 @@ class Producer:
             failed = await self._publish_traced(ids, fresh)
         else:
             failed = await self.topology.publish_ids(ids)
-        await self.store.mark_published([i for i in ids if i not in set(failed)])
+        unconfirmed = set(failed)
+        await self.store.mark_published([i for i in ids if i not in unconfirmed])
         released = 0
         if failed and fresh:
             released = await self.store.release(failed)
