@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -91,18 +91,22 @@ def _context(traceparent: str | None) -> Any:
     return TraceContextTextMapPropagator().extract({"traceparent": traceparent})
 
 
-@contextlib.contextmanager
+_OFF = contextlib.nullcontext()  # reusable and stateless: the span of every block while tracing is off
+
+
 def span(
     name: str, parent: str | None = None, root: bool = False, attributes: Mapping[str, Any] | None = None
-) -> Iterator[Any]:
+) -> contextlib.AbstractContextManager[Any]:
     """A span named ``name`` around the block: a child of ``parent`` (a traceparent), of a new root when
-    ``root`` (and no parent), else of the current span. Yields None when tracing is off."""
+    ``root`` (and no parent), else of the current span. Off: one shared no-op (the consumer enters three
+    per message, so no generator or object is made for them)."""
     if _tracer is None:
-        yield None
-        return
+        return _OFF
     context = _context(parent) if (parent or root) else None
-    with _tracer.start_as_current_span(name, context=context, attributes=attributes) as current:
-        yield current
+    manager: contextlib.AbstractContextManager[Any] = _tracer.start_as_current_span(
+        name, context=context, attributes=attributes
+    )
+    return manager
 
 
 def start_span(name: str, parent: str | None, attributes: Mapping[str, Any] | None = None) -> tuple[Any, str | None]:
