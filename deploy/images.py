@@ -139,16 +139,19 @@ def ensure_base(engine: Engine) -> None:
         raise Failed(f"could not make the base image: {imported.stderr[-2000:]}")
 
 
+def build_target(engine: Engine, target: str, name: str, tag: str = "latest", timeout: float = 600) -> str:
+    """Build one target of deploy/Dockerfile as ``name:tag`` (podman: under localhost/, docker format)."""
+    image = f"localhost/{name}:{tag}" if engine.podman else f"{name}:{tag}"
+    extra = ["--pull=never", "--format", "docker"] if engine.podman else []
+    started = time.monotonic()
+    engine.run("build", "-q", *extra, "-f", str(DOCKERFILE), "--target", target, "-t", image, ".", timeout=timeout)
+    log(f"built {image} in {time.monotonic() - started:.0f}s")
+    return image
+
+
 def build(engine: Engine, tag: str = "latest") -> dict[str, str]:
     ensure_base(engine)
-    images = {}
-    for target in TARGETS:
-        image = f"localhost/message-sender-{target}:{tag}" if engine.podman else f"message-sender-{target}:{tag}"
-        extra = ["--pull=never", "--format", "docker"] if engine.podman else []
-        started = time.monotonic()
-        engine.run("build", "-q", *extra, "-f", str(DOCKERFILE), "--target", target, "-t", image, ".")
-        log(f"built {image} in {time.monotonic() - started:.0f}s")
-        images[target] = image
+    images = {target: build_target(engine, target, f"message-sender-{target}", tag) for target in TARGETS}
     for target, image in images.items():
         size = int(engine.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
         log(f"{target}: {size / 1e6:.0f} MB")
@@ -426,12 +429,7 @@ def prove_alone(engine: Engine, images: dict[str, str]) -> None:
 
 
 def prove_compose(engine: Engine) -> None:
-    if engine.podman:
-        tool = [str(Path(sys.executable).parent / "podman-compose")]
-        if not Path(tool[0]).exists():
-            tool = ["podman-compose"]
-    else:
-        tool = ["docker", "compose"]
+    tool = compose_tool(engine)
     ports = {s: free_port() for s in TARGETS}
     with Isolation() as iso:
         project = iso.name.replace("_", "-")
@@ -559,12 +557,7 @@ RABBITMQ_ENV = Path("/etc/rabbitmq/rabbitmq-env.conf")
 
 def build_test_image(engine: Engine) -> str:
     ensure_base(engine)
-    image = f"localhost/{TEST_IMAGE}:latest" if engine.podman else f"{TEST_IMAGE}:latest"
-    extra = ["--pull=never", "--format", "docker"] if engine.podman else []
-    started = time.monotonic()
-    engine.run("build", "-q", *extra, "-f", str(DOCKERFILE), "--target", "test", "-t", image, ".", timeout=1800)
-    log(f"built {image} in {time.monotonic() - started:.0f}s")
-    return image
+    return build_target(engine, "test", TEST_IMAGE, timeout=1800)
 
 
 def test_run_args(image: str, name: str, environ: dict[str, str]) -> list[str]:
