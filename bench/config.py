@@ -20,6 +20,7 @@ BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady
 BENCH_STEADY_SECONDS 30        its measured window; then a step search (+500 msg/s, ``BENCH_STEPS`` steps of 8 s)
 BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
 BENCH_GROWTH_ROWS   1000000,10000000  the table sizes of the growth phase (each >= 300000)
+BENCH_PROFILE       0          1: py-spy samples each consumer and the producer during the drain (bench/profile.py)
 ==================  =========  ===============================================================
 """
 
@@ -94,6 +95,7 @@ class Config:
     warmup_steady: float = 5.0
     step_seconds: float = 8.0
     steps: int = 3
+    profile: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -125,6 +127,7 @@ class Config:
             rate=_float(env, "BENCH_RATE", "1000", 1),
             steady_seconds=_float(env, "BENCH_STEADY_SECONDS", "30", 1),
             steps=_int(env, "BENCH_STEPS", "3", 0),
+            profile=_get(env, "BENCH_PROFILE", "0") in ("1", "true", "yes"),
         )
 
     def runs(self, phase: str) -> bool:

@@ -196,6 +196,14 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
         whole = cpu.pop("machine", None)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
         lines.append(f"CPU during the drain, % of one core (machine total {_n(whole)}): {parts}")
+        thr = pipe.get("throughput_msgs_per_s")
+        if whole and thr:  # CPU time per message: steadier than the rate when the machine's speed moves
+            per = {k: 1e4 * v / thr for k, v in cpu.items()}
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+            lines.append(f"CPU per message, µs (machine {1e4 * whole / thr:.0f}): {parts}")
+    for name, top in sorted((pipe or {}).get("profile", {}).items()):
+        shown = [f"{own:.1f}% {func}" for func, _, own in sorted(top, key=lambda t: -t[2])[:6]]
+        lines.append(f"profile {name}, most self time: " + "; ".join(shown))
     for key in ("first", "deep_cursor", "deep_offset"):
         cpu = ((api or {}).get(key) or {}).get("cpu_percent")
         if cpu:
