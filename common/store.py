@@ -88,16 +88,36 @@ class NewMessage:
     content: str
     send_at: dt.datetime | None = None
     priority: str = "normal"
+    traceparent: str | None = None  # the W3C context of the request that made it (tracing on)
 
     def due(self, now: dt.datetime) -> dt.datetime:
         """Its ``send_at`` as stored: a past one (or none) means now."""
         return now if self.send_at is None or self.send_at < now else self.send_at
 
 
-def _later(message: NewMessage, now: dt.datetime) -> dt.datetime | None:
-    """Its ``send_at`` if that is after ``now``; None for "now" (the statement fills in the shared time)."""
-    due = message.due(now)
-    return due if due != now else None
+def _tp(traceparent: str | None) -> str | None:
+    """A W3C traceparent as the column holds it (55 characters)."""
+    return traceparent[:55] if traceparent else None
+
+
+# A row of a create's multi-row INSERT (recipient, content, send_at, priority, created_at, updated_at,
+# traceparent): the time the rows share is the server's, set once per statement (@message_sender_now; a user
+# variable holds it as text, hence the casts where it is compared); a given send_at is kept if it is later.
+_ROW_NOW = "(%s, %s, @message_sender_now, %s, @message_sender_now, @message_sender_now, %s)"
+_ROW_LATER = (
+    "(%s, %s, GREATEST(CAST(%s AS DATETIME(6)), CAST(@message_sender_now AS DATETIME(6))), %s,"
+    " @message_sender_now, @message_sender_now, %s)"
+)
+
+
+def _row_values(chunk: Sequence[NewMessage], traceparent: str | None) -> list[Any]:
+    values: list[Any] = []
+    for m in chunk:
+        values += [m.recipient, m.content]
+        if m.send_at is not None:
+            values.append(m.send_at)
+        values += [m.priority, _tp(m.traceparent or traceparent)]
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +282,7 @@ class MessageStore(MessageQueries):
             else:
                 await cur.execute(
                     "INSERT INTO messages (recipient, content, traceparent) VALUES (%s, %s, %s)",
-                    (recipient, content, traceparent[:55]),
+                    (recipient, content, _tp(traceparent)),
                 )
             return int(cur.lastrowid)
 
@@ -271,6 +291,12 @@ class MessageStore(MessageQueries):
     ) -> Created:
         """Insert ``items`` as ``pending`` messages in one transaction, in multi-row statements of up to
         :data:`INSERT_CHUNK` rows; returns their ids in order. A ``send_at`` in the past (or none) means now.
+        ``traceparent`` (tracing on) is stored with every item that does not carry its own.
+
+        Without ``idempotency`` it takes two round trips whatever the number of rows up to
+        :data:`INSERT_CHUNK` (the rows and the check of their ids, then the counts and the commit): the
+        gateway's group commit of single creates (:mod:`gateway.intake`) and ``POST /messages/batch`` both
+        come through here.
 
         With ``idempotency``, the key's row is inserted first in the same transaction: a concurrent request
         with the same key waits on its primary key until this one commits, then finds it. A key seen within
@@ -279,63 +305,26 @@ class MessageStore(MessageQueries):
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             for _ in range(3):
                 counted = False
-                await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                await conn.begin()
                 try:
+                    begin = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; "
                     if idempotency is not None:
+                        await cur.execute(begin.removesuffix("; "))
+                        await _drain(cur)
+                        begin = ""
                         found = await self._claim_key(cur, conn, idempotency)
                         if found is not None:
                             await conn.commit()
                             return Created(found, replayed=True, at=None)
-                    ids: list[int] = []
-                    # One time for every row (created_at = updated_at = now), the counts in one statement.
-                    await cur.execute(
-                        "SET @message_sender_counted = 1; SELECT UTC_TIMESTAMP(6), @@auto_increment_increment"
-                    )
-                    await cur.nextset()
-                    now, step = await cur.fetchone()
                     counted = True
-                    # The time every row shares is sent once (escaping three datetimes a row was a fifth of
-                    # a batch's time in the gateway); a send_at is sent only when it is in the future.
-                    # The request's traceparent (tracing on; NULL otherwise) is the same for every row too.
-                    await cur.execute(
-                        "SET @message_sender_now = %s, @message_sender_tp = %s",
-                        (now, traceparent[:55] if traceparent else None),
-                    )
-                    for start in range(0, len(items), INSERT_CHUNK):
-                        chunk = items[start : start + INSERT_CHUNK]
-                        await cur.execute(
-                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at,"
-                            " traceparent) VALUES "
-                            + ", ".join(["(%s, %s, IFNULL(%s, @message_sender_now), %s, @message_sender_now,"
-                                         " @message_sender_now, @message_sender_tp)"] * len(chunk)),
-                            [v for m in chunk for v in (m.recipient, m.content, _later(m, now), m.priority)],
-                        )  # fmt: skip
-                        # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
-                        # guaranteed by innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked, so that a
-                        # server that interleaves them refuses the batch (nothing created) instead of answering
-                        # wrong ids.
-                        first, last = int(cur.lastrowid), int(cur.lastrowid) + (len(chunk) - 1) * int(step)
-                        await cur.execute(
-                            "SELECT COUNT(*) FROM messages WHERE id BETWEEN %s AND %s AND created_at = %s",
-                            (first, last, now),
-                        )
-                        (mine,) = await cur.fetchone()
-                        if int(mine) != len(chunk):
-                            raise RuntimeError(
-                                f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
-                                " (innodb_autoinc_lock_mode 2?): nothing created"
-                            )
-                        ids += [first + i * int(step) for i in range(len(chunk))]
-                    await cur.execute("SET @message_sender_counted = NULL")
-                    counted = False
-                    await cur.execute(*_moved({"pending": len(ids)}))
+                    ids, now = await self._insert_rows(cur, begin, items, traceparent)
+                    tail = "SET @message_sender_counted = NULL; {}; {}COMMIT"
+                    counts, count_args = _moved({"pending": len(ids)})
+                    key_sql, key_args = "", []
                     if idempotency is not None:
-                        await cur.execute(
-                            "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s",
-                            (orjson.dumps(ids).decode(), idempotency.key),
-                        )
-                    await conn.commit()
+                        key_sql = "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s; "
+                        key_args = [orjson.dumps(ids).decode(), idempotency.key]
+                    await cur.execute(tail.format(counts, key_sql), [*count_args, *key_args])
+                    await _drain(cur)
                     return Created(ids, replayed=False, at=now)
                 except _KeyTaken:
                     await _rollback(conn)  # an expired key was removed by another request meanwhile: again
@@ -348,6 +337,48 @@ class MessageStore(MessageQueries):
                             conn.close()
                     raise
         raise RuntimeError(f"the idempotency key {idempotency and idempotency.key!r} kept changing hands")
+
+    @staticmethod
+    async def _insert_rows(
+        cur: aiomysql.Cursor, begin: str, items: Sequence[NewMessage], traceparent: str | None
+    ) -> tuple[list[int], dt.datetime]:
+        """The rows of :meth:`create_messages`, in the open transaction (``begin`` opens it when not empty):
+        their ids in order and the time they share (``created_at = updated_at``, and ``send_at`` unless
+        later). The insert trigger is told to skip them (``@message_sender_counted``): the caller counts
+        them in one statement."""
+        ids: list[int] = []
+        now: dt.datetime | None = None
+        for start in range(0, len(items), INSERT_CHUNK):
+            chunk = items[start : start + INSERT_CHUNK]
+            # The time every row shares is set once, on the server (escaping three datetimes a row was a fifth
+            # of a batch's time in the gateway); a send_at is sent only when given, and the server keeps
+            # the later of it and now.
+            head = begin + (
+                "SET @message_sender_counted = 1, @message_sender_now = UTC_TIMESTAMP(6); " if start == 0 else ""
+            )
+            values = ", ".join(_ROW_LATER if m.send_at is not None else _ROW_NOW for m in chunk)
+            # One multi-row INSERT takes consecutive auto-increment values (a "simple insert": guaranteed by
+            # innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked in the same round trip, so that a
+            # server that interleaves them refuses the batch (nothing created) instead of answering wrong ids.
+            await cur.execute(
+                head + "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at,"
+                f" traceparent) VALUES {values}; SELECT LAST_INSERT_ID(), CAST(@message_sender_now AS DATETIME(6)),"
+                " @@auto_increment_increment, (SELECT COUNT(*) FROM messages WHERE id BETWEEN LAST_INSERT_ID()"
+                " AND LAST_INSERT_ID() + %s * @@auto_increment_increment AND created_at = @message_sender_now)",
+                [*_row_values(chunk, traceparent), len(chunk) - 1],
+            )
+            while cur.description is None:  # past the SET and the INSERT, to the SELECT
+                await cur.nextset()
+            first, now, step, mine = await cur.fetchone()
+            await _drain(cur)
+            if int(mine) != len(chunk):
+                raise RuntimeError(
+                    f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
+                    " (innodb_autoinc_lock_mode 2?): nothing created"
+                )
+            ids += [int(first) + i * int(step) for i in range(len(chunk))]
+        assert isinstance(now, dt.datetime)
+        return ids, now
 
     @staticmethod
     async def _claim_key(cur: aiomysql.Cursor, conn: aiomysql.Connection, idempotency: Idempotency) -> list[int] | None:
