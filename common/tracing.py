@@ -2,7 +2,8 @@
 
 With the variable unset nothing of OpenTelemetry is imported and every helper here is a no-op (one check
 of a module global). With it set, :func:`setup` installs a ``TracerProvider`` (``service.name`` = the
-service), a ``BatchSpanProcessor`` and the OTLP/HTTP exporter; :func:`shutdown` flushes within a bound.
+service), a ``BatchSpanProcessor`` and the OTLP/HTTP exporter; :func:`shutdown` flushes within a bound. With
+it set but the ``tracing`` extra not installed, the service logs one warning and runs untraced.
 
 One trace per message: the gateway's request span (the aiohttp server instrumentation) is stored with the
 row as a W3C ``traceparent``; the producer's publish span is its child (a new root for a hand-inserted row)
@@ -14,9 +15,12 @@ children, and the webhook request carries a ``traceparent`` header.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
 HEADER = "traceparents"  # the AMQP header: "id=traceparent,id=traceparent"
@@ -31,26 +35,47 @@ def enabled() -> bool:
 
 
 def setup(service: str) -> bool:
-    """Install tracing for ``service`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; True if it is on."""
+    """Install tracing for ``service`` if ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; True if it is on. Without
+    the ``tracing`` extra it logs one warning and leaves tracing off (the service runs as without the variable)."""
     global _provider, _tracer
     if not os.environ.get(ENDPOINT_VAR) or _tracer is not None:
         return _tracer is not None
+    try:
+        _provider = _install(service)
+    except ImportError as exc:
+        log.warning(
+            "%s is set but the tracing extra is not installed (%s): %s runs without tracing; "
+            "install it with pip install 'message-sender[tracing]'",
+            ENDPOINT_VAR,
+            exc,
+            service,
+        )
+        return False
+    _tracer = _provider.get_tracer("message-sender")
+    return True
+
+
+def _install(service: str) -> Any:
+    """The provider, installed with the instrumentations of ``service``. Every import comes first, so a missing
+    package raises ImportError before anything is changed."""
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service})
-    _provider = TracerProvider(resource=resource)
-    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(_provider)
-    _tracer = trace.get_tracer("message-sender")
+    instrumentors: list[Any] = []
     if service == "gateway":  # a server span per request: every web.Application made from here on gets it
         from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
 
-        AioHttpServerInstrumentor().instrument(tracer_provider=_provider)
-    return True
+        instrumentors.append(AioHttpServerInstrumentor())
+
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    for instrumentor in instrumentors:
+        instrumentor.instrument(tracer_provider=provider)
+    return provider
 
 
 def shutdown() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -99,6 +100,22 @@ async def _sent(settings: Settings, message_id: int) -> bool:
     return bool(rows) and rows[0][0] == "sent"
 
 
+async def _post(port: int, content: str) -> int:
+    """POST /messages to the gateway on ``port`` once it answers; the new message's id."""
+    async with aiohttp.ClientSession() as http:
+
+        async def post() -> int | None:
+            try:
+                async with http.post(
+                    f"http://127.0.0.1:{port}/messages", json={"recipient": "+905551111111", "content": content}
+                ) as resp:
+                    return int((await resp.json())["id"]) if resp.status == 201 else None
+            except aiohttp.ClientError:
+                return None
+
+        return await wait_for(post, 30, "the gateway to create a message")
+
+
 async def test_one_trace_from_post_through_publish_webhook_and_commit(
     settings: Settings, cluster: Cluster, standin: StandIn, receiver: tuple[Receiver, str]
 ) -> None:
@@ -157,6 +174,33 @@ async def test_a_hand_inserted_row_gets_a_trace_starting_at_the_claim(
     assert consumer is not None
     assert {s.trace_id for s in consumer.values()} == {publish.trace_id}
     assert consumer["consumer delivery"].parent_id == publish.span_id
+
+
+async def test_without_the_extra_each_service_warns_once_and_runs_untraced(
+    settings: Settings, cluster: Cluster, standin: StandIn, receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT set where the tracing extra is not installed (here: an ``opentelemetry``
+    package of nothing ahead of the real one on the path, as when none is installed): one warning per service,
+    and the message goes out as with tracing off."""
+    r, endpoint = receiver
+    empty = tmp_path / "without-extra" / "opentelemetry"
+    empty.mkdir(parents=True)
+    (empty / "__init__.py").write_text('"""Nothing of OpenTelemetry: stands for an install without the extra."""\n')
+    env = {**TRACED, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "PYTHONPATH": str(empty.parent)}
+    port = free_port()
+    services = [cluster.start("gateway", GATEWAY_PORT=str(port), **env), cluster.start("producer", **env),
+                cluster.start("consumer", **env)]  # fmt: skip
+    message_id = await _post(port, "untraced")
+    await wait_for(lambda: _sent(settings, message_id), 30, "the message to be sent")
+    (got,) = [x for x in await standin.received() if x["key"] == str(message_id)]
+    assert got["traceparent"] is None
+    for service in services:
+        assert service.terminate() == 0, service.tail()  # a traced service would flush its spans on the way out
+        warnings = [ln for ln in service.log().splitlines() if "tracing extra is not installed" in ln]
+        assert len(warnings) == 1, f"{service.name}: {warnings or service.tail()}"
+        assert "WARNING" in warnings[0] and "OTEL_EXPORTER_OTLP_ENDPOINT" in warnings[0]
+        assert "tracing on" not in service.log()
+    assert r.spans == []
 
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
