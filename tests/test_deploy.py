@@ -127,6 +127,22 @@ def test_prometheus_scrapes_every_replica() -> None:
     }  # fmt: skip
 
 
+def test_the_observability_profile_receives_and_shows_traces_and_tracing_is_off_by_default(tmp_path: Path) -> None:
+    services = compose_config(tmp_path)["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:") and jaeger["profiles"] == ["observability"]
+    assert services["prometheus"]["profiles"] == ["observability"], "beside the Prometheus already there"
+    assert {16686, 4318} <= targets(jaeger), "the UI and OTLP over HTTP"
+    assert published(jaeger) == {"127.0.0.1"}
+    for name in ("producer", "consumer", "gateway"):
+        env = services[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", f"{name}: tracing must stay off unless a user sets it"
+        assert "profiles" not in services[name]
+    traced = compose_config(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="http://jaeger:4318")["services"]
+    for name in ("producer", "consumer", "gateway"):
+        assert traced[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+
+
 def test_host_override_runs_only_the_app_services_against_the_hosts_servers() -> None:
     class Loader(yaml.SafeLoader):
         pass
