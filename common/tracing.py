@@ -32,6 +32,8 @@ ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
 HEADER = "traceparents"  # the AMQP header: "id=traceparent,id=traceparent"
 SHUTDOWN_TIMEOUT_MILLIS = 5000
 WEBHOOK_SPAN = "webhook request"  # the aiohttp client instrumentation's span of a webhook POST
+SERVER_EXCLUDED_VAR = "OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS"
+UNTRACED_PATHS = "/healthz,/readyz,/metrics"  # the gateway's requests that make no span by default
 
 _provider: Any = None
 _tracer: Any = None
@@ -77,6 +79,9 @@ def _install(service: str) -> Any:
     if service == "gateway":  # a server span per request: every web.Application made from here on gets it
         from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
 
+        # Health probes and metric scrapes (every few seconds, from orchestrators and Prometheus) would be a
+        # trace each: left out unless the instrumentation's own variable says otherwise.
+        os.environ.setdefault(SERVER_EXCLUDED_VAR, UNTRACED_PATHS)
         instrumentors.append((AioHttpServerInstrumentor(), {}))
     if service == "consumer":  # the webhook's requests (its session is the only client session)
         from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor

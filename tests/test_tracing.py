@@ -152,6 +152,10 @@ async def test_one_trace_from_post_through_publish_webhook_and_commit(
     cluster.start("producer", **env)
     cluster.start("consumer", **env)
     message_id = await _post(port, "traced")
+    async with aiohttp.ClientSession() as http:
+        for path in ("/healthz", "/readyz", "/metrics", "/stats"):
+            async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                assert resp.status == 200, path
     await wait_for(lambda: _sent(settings, message_id), 30, "the message to be sent")
     await wait_for(lambda: asyncio.sleep(0, _consumer_spans(r, message_id)), 20, "the consumer's spans")
     await wait_for(lambda: asyncio.sleep(0, r.named("producer", "producer publish", message_id)), 20, "publish span")
@@ -159,10 +163,16 @@ async def test_one_trace_from_post_through_publish_webhook_and_commit(
     await wait_for(lambda: asyncio.sleep(0, _amqp_spans(r, message_id)), 20, "aio-pika's send and receive spans")
     await wait_for(lambda: asyncio.sleep(0, _redis_spans(r, "consumer")), 20, "the consumer's Redis span")
 
+    await wait_for(lambda: asyncio.sleep(0, r.named("gateway", "GET /stats")), 20, "the span of GET /stats")
     (post_span,) = r.named("gateway", "POST /messages")
     (publish,) = r.named("producer", "producer publish", message_id)
     consumer = _consumer_spans(r, message_id)
     amqp = _amqp_spans(r, message_id)
+    # probes and scrapes make no trace (sent before GET /stats, whose span is here)
+    assert {s.name for s in r.spans if s.service == "gateway" and s.scope == SERVER_SCOPE} == {
+        "POST /messages",
+        "GET /stats",
+    }
     assert consumer is not None and amqp is not None
     send, receive = amqp
     (cache,) = _redis_spans(r, "consumer")
