@@ -237,6 +237,21 @@ def test_dockerfile_target(service: str) -> None:
         assert entrypoint == [f"message-sender-{service}"] and entrypoint[0] in scripts
 
 
+def test_the_service_images_have_the_tracing_extra() -> None:
+    """Setting OTEL_EXPORTER_OTLP_ENDPOINT turns tracing on in a container: the services' virtualenv is built
+    with the extra (make run's is not: tracing stays an extra there)."""
+    venv = [arg for op, arg in stages()["app"][1] if op == "COPY" and "/opt/venv" in arg]
+    assert venv == ["--from=build /opt/venv /opt/venv"], venv
+    installs = [arg for op, arg in target_steps("build") if op == "RUN" and "pip install" in arg]
+    assert len(installs) == 1 and "pip install '.[tracing]'" in installs[0], installs
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for package in ("sdk", "exporter-otlp-proto-http", "instrumentation-aiohttp-server",
+                    "instrumentation-aiohttp-client", "instrumentation-aio-pika", "instrumentation-redis"):  # fmt: skip
+        assert any(r.startswith(f"opentelemetry-{package}>=") for r in extras["tracing"]), package
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install --quiet -e .\n" in makefile, "make run installs only what running needs"
+
+
 def test_dockerfile_copies_only_what_the_build_context_holds() -> None:
     for op, arg in instructions():
         if op == "COPY" and not arg.startswith("--from="):
