@@ -19,7 +19,6 @@ containers, database, vhost and keys whatever happens.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -166,13 +165,15 @@ class Isolation:
 
     def __init__(self) -> None:
         from common.settings import Settings
+        from deploy.devsupport import amqp_credentials, rabbitmq_admin
 
         self.host = Settings.from_env(dotenv=None)
         self.name = f"ms_images_{secrets.token_hex(4)}"
         amqp = urlsplit(self.host.amqp_url.reveal())
         self.amqp_url = amqp._replace(path="/" + quote(self.name, safe="")).geturl()
-        self.amqp_user, self.amqp_password = amqp.username or "guest", amqp.password or "guest"
-        self.management = os.environ.get("RABBITMQ_MANAGEMENT_URL", f"http://{amqp.hostname}:15672/api")
+        self.amqp_user = amqp_credentials(self.host)[0]
+        # the vhost and the queue depth: the management API when it answers, else rabbitmqctl (as the tests do)
+        self.rabbit = rabbitmq_admin(self.host)
 
     def env(self) -> dict[str, str]:
         h = self.host
@@ -180,17 +181,6 @@ class Isolation:
                 "MYSQL_PASSWORD": h.mysql_password.reveal(), "MYSQL_DATABASE": self.name,
                 "REDIS_URL": h.redis_url.reveal(), "REDIS_PREFIX": f"{self.name}:", "AMQP_URL": self.amqp_url,
                 "AMQP_QUEUE_TYPE": os.environ.get("AMQP_QUEUE_TYPE", "classic")}  # fmt: skip
-
-    def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.management + path, method=method, data=None if body is None else json.dumps(body).encode()
-        )
-        token = f"{self.amqp_user}:{self.amqp_password}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            raw = answer.read()
-        return json.loads(raw) if raw else None
 
     def _sql(self, statement: str, args: tuple[Any, ...] = (), database: str | None = None) -> list[tuple[Any, ...]]:
         import pymysql
@@ -221,15 +211,10 @@ class Isolation:
             client.close()
 
     def dispatch_depth(self) -> int:
-        queue = self._api("GET", f"/queues/{quote(self.name, safe='')}/message_sender.dispatch")
-        return int(queue.get("messages", 0))
+        return self.rabbit.queue_messages(self.name).get("message_sender.dispatch", 0)
 
     def __enter__(self) -> Isolation:
-        vhost = quote(self.name, safe="")
-        self._api("PUT", f"/vhosts/{vhost}")
-        self._api(
-            "PUT", f"/permissions/{vhost}/{quote(self.amqp_user)}", {"configure": ".*", "write": ".*", "read": ".*"}
-        )
+        self.rabbit.create_vhost(self.name, self.amqp_user)
         self._sql(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
         log(f"isolated in database/vhost {self.name}, Redis prefix {self.name}:")
         return self
@@ -247,7 +232,7 @@ class Isolation:
                 client.close()
 
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("vhost", lambda: self._api("DELETE", f"/vhosts/{quote(self.name, safe='')}")),
+            ("vhost", lambda: self.rabbit.delete_vhost(self.name)),
             ("database", lambda: self._sql(f"DROP DATABASE IF EXISTS `{self.name}`")),
             ("Redis keys", delete_keys),
         ]
