@@ -375,12 +375,59 @@ def service_env(iso: Isolation, ports: dict[str, int]) -> dict[str, str]:
             "SEND_BATCH_SIZE": "10", "SHUTDOWN_TIMEOUT_SECONDS": "10", "LOG_LEVEL": "INFO"}  # fmt: skip
 
 
+class TraceReceiver:
+    """An OTLP/HTTP receiver on this host (the containers share its network): the spans the services export,
+    as (service, span name, trace id), decoded with opentelemetry-proto (the test extras)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list[tuple[str, str, str]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                    attributes = {a.key: a.value.string_value for a in rs.resource.attributes}
+                    service = attributes.get("service.name", "")
+                    receiver.spans += [(service, s.name, s.trace_id.hex()) for ss in rs.scope_spans for s in ss.spans]
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def check_one_trace_per_message(self) -> None:
+        """A trace whose spans come from the three services and include the webhook request."""
+
+        def found() -> bool:
+            by_trace: dict[str, set[str]] = {}
+            for service, name, trace in list(self.spans):
+                by_trace.setdefault(trace, set()).add(service if name != "webhook request" else name)
+            return any({"gateway", "producer", "consumer", "webhook request"} <= seen for seen in by_trace.values())
+
+        wait_for("a trace spans gateway, producer and consumer (tracing on in the images)", found, timeout=30)
+        log(f"tracing on: {len(self.spans)} spans received, one trace from POST /messages to the webhook request")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @contextlib.contextmanager
 def containers(
-    engine: Engine, images: dict[str, str], iso: Isolation, ports: dict[str, int]
+    engine: Engine, images: dict[str, str], iso: Isolation, ports: dict[str, int], extra: dict[str, str] | None = None
 ) -> Iterator[dict[str, str]]:
     names = {s: f"{iso.name}-{s}" for s in TARGETS}
-    env = service_env(iso, ports)
+    env = {**service_env(iso, ports), **(extra or {})}
     try:
         for service in ("standin", "gateway", "producer", "consumer"):
             flags = ["--read-only"] + (["--tmpfs", "/tmp"] if not engine.podman else [])
@@ -403,13 +450,21 @@ def containers(
 
 
 def prove_alone(engine: Engine, images: dict[str, str]) -> None:
+    """Each container alone, with tracing on (the images have the extra): the services export to a receiver
+    here. (The compose proof runs with tracing off, its default.)"""
     ports = {s: free_port() for s in TARGETS}
-    with Isolation() as iso, containers(engine, images, iso, ports) as names:
-        stack = Stack(engine, iso, ports, names)
-        stack.prove(
-            stop=lambda: engine.run("stop", "-t", "40", names["consumer"]),
-            start=lambda: engine.run("start", names["consumer"]),
-        )
+    receiver = TraceReceiver()
+    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    try:
+        with Isolation() as iso, containers(engine, images, iso, ports, traced) as names:
+            stack = Stack(engine, iso, ports, names)
+            stack.prove(
+                stop=lambda: engine.run("stop", "-t", "40", names["consumer"]),
+                start=lambda: engine.run("start", names["consumer"]),
+            )
+            receiver.check_one_trace_per_message()
+    finally:
+        receiver.close()
     log("each container alone: proved")
 
 
