@@ -101,9 +101,11 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def cpu_us_per_message(pipe: dict[str, Any]) -> float | None:
-    """The whole machine's CPU per message of the drain: its CPU % of one core over the throughput."""
-    machine, thr = (pipe.get("cpu_percent") or {}).get("machine"), pipe.get("throughput_msgs_per_s")
-    return machine / 100 / thr * 1e6 if machine and thr else None
+    """CPU per message of the drain: the machine's CPU % of one core, less what other processes used (the
+    services, the stand-in and the servers remain), over the throughput."""
+    cpu, thr = pipe.get("cpu_percent") or {}, pipe.get("throughput_msgs_per_s")
+    used = (cpu.get("machine") or 0.0) - (cpu.get("other processes") or 0.0)
+    return used / 100 / thr * 1e6 if used > 0 and thr else None
 
 
 def _round(value: float | None, digits: int = 0) -> float | int | None:
