@@ -11,9 +11,10 @@ no registry needs to be reachable. ``BASE_IMAGE=pull`` pulls the real one instea
 ``prove``: builds, then runs each container alone (host networking, read-only root filesystem) against the
 host's MySQL, Redis and RabbitMQ in a database, vhost and key prefix of its own, and checks what a user would:
 ``/readyz``, every HEALTHCHECK, a non-root process, a message end to end (webhook stand-in, MySQL row, Redis
-key), and a consumer stopped alone (a new message stays queued, the gateway stays ready) then started again
-(the message goes out). Then the same through docker-compose.yml with deploy/compose.host.yml. It removes its
-containers, database, vhost and keys whatever happens.
+key, and its trace: tracing is on, exported to a receiver here), and a consumer stopped alone (a new message
+stays queued, the gateway stays ready) then started again (the message goes out). Then the same through
+docker-compose.yml with deploy/compose.host.yml (tracing off, its default). It removes its containers,
+database, vhost and keys whatever happens.
 """
 
 from __future__ import annotations
