@@ -15,7 +15,7 @@ BENCH_HTTP_N        20000      POSTs of the raw HTTP-limit phase (concurrency ``
 BENCH_CLIENTS       10         concurrent clients of the API phase (deep offset: always 1)
 BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 2)
 BENCH_CLIENT        auto       API load client: ``wrk`` (when installed), ``python``, or ``auto``
-BENCH_SKIP          (none)     comma-separated phases to skip: ``limit``, ``pipeline``, ``api``
+BENCH_SKIP          (none)     comma-separated phases to skip: ``tracing``, ``limit``, ``pipeline``, ``steady``, ``api``
 BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady``: 30 s after a 5 s warm-up)
 BENCH_STEADY_SECONDS 30        its measured window; then a step search (+500 msg/s, ``BENCH_STEPS`` steps of 8 s)
 BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
@@ -30,7 +30,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-PHASES = ("limit", "pipeline", "steady", "api")
+PHASES = ("tracing", "limit", "pipeline", "steady", "api")
 
 # Spec section 8 (and the steady-state bars of the performance issue).
 BAR_STEADY_CLAIM_P99_MS = 100.0
@@ -38,6 +38,8 @@ BAR_CREATE_RPS = 2000.0
 BAR_STEADY_DUE_P99_MS = 50.0 + 150.0  # the interval of the phase (0.05 s) + 150 ms
 BAR_THROUGHPUT = 2000.0
 BAR_RATIO = 0.25
+# The tracing hooks with tracing off, as a share of a drained message's CPU: within the drain's noise.
+BAR_TRACING_OFF_SHARE = 0.01
 BAR_LIST_RPS = 2000.0
 BAR_LIST_P99_MS = 15.0
 BAR_OFFSET_P99_MS = 100.0

@@ -98,8 +98,9 @@ class Deliveries:
             if ticket is not None:
                 await ticket.on_time()
             try:
-                with tracing.span("webhook request", attributes={"message.id": message_id}):  # its traceparent is sent
-                    outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
+                # its span (tracing on) is the aiohttp client instrumentation's "webhook request", which sends its
+                # traceparent
+                outcome = await self.webhook.deliver(row, token, fallback=ticket is not None and ticket.fallback)
             except Exception as exc:
                 log.exception("message %d: delivery failed unexpectedly", message_id, extra={"message_id": message_id})
                 outcome = self.webhook.unexpected(row, token, exc)
