@@ -191,9 +191,9 @@ async def test_one_trace_from_post_through_publish_webhook_and_commit(
     assert (webhook.scope, webhook.kind) == (CLIENT_SCOPE, CLIENT)
     assert webhook.attributes["http.status_code"] == 202
     assert webhook.attributes["http.url"] == f"{standin.url}/webh***"
-    # the Redis pipeline of message:<messageId> (redis instrumentation), in the group commit of the outcome
+    # the script call that writes message:<messageId> (redis instrumentation), in the group commit of the outcome
     assert cache.parent_id == consumer["outcome commit"].span_id and cache.kind == CLIENT
-    assert cache.attributes["db.statement"].startswith("HSET ?"), "the values are not exported"
+    assert cache.attributes["db.statement"].startswith("EVALSHA ? ?"), "the values are not exported"
     (got,) = [x for x in await standin.received() if x["key"] == str(message_id)]
     assert got["traceparent"].startswith(f"00-{post_span.trace_id}-{webhook.span_id}-"), "the webhook request's span"
 
