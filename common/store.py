@@ -26,7 +26,7 @@ import pymysql
 
 from common.errors import ConflictError, IdempotencyConflict, LeaseLost, NotFoundError
 from common.models import Delivery, Outcome, Status, is_outcome_unknown, outcome_unknown, utcnow
-from common.queries import MessageQueries, Row, SentPage
+from common.queries import IN_FLIGHT, MessageQueries, Row, SentPage
 
 __all__ = ["Created", "Fence", "Idempotency", "MessageStore", "NewMessage", "Recorded", "Row", "SentPage", "Swept"]
 
@@ -38,12 +38,13 @@ def _in(ids: Sequence[object]) -> str:
     return ", ".join(["%s"] * len(ids))
 
 
-# The claim: two ranges of ix_messages_due (one per priority) read in index order, so neither a sort nor the
-# rows scheduled later are ever touched; the retry's due time is checked on the index entry.
+# The claim: two ranges of ix_messages_claimable (one per priority; only pending rows have a claim_priority) read
+# in index order, so neither a sort nor the rows scheduled later are ever touched; the retry's due time is
+# checked on the index entry.
 CLAIM_SQL = (
-    "SELECT id FROM messages WHERE status = 'pending' AND priority IN ('high', 'normal')"
+    "SELECT id FROM messages WHERE claim_priority IN ('high', 'normal')"
     " AND send_at <= UTC_TIMESTAMP(6) AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
-    " ORDER BY priority, send_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
+    " ORDER BY claim_priority, send_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 INSERT_CHUNK = 1000  # rows per multi-row INSERT
 IDEMPOTENCY_HOURS = 24
@@ -237,7 +238,7 @@ DEADLOCK_ATTEMPTS = 4
 
 async def _again_on_deadlock(run: Callable[[], Awaitable[T]]) -> T:
     """Run a short transaction, and again (a few times, after a few milliseconds) when InnoDB chose it as a
-    deadlock's victim. The claim locks an index entry of ``ix_messages_due`` and then the row, while a
+    deadlock's victim. The claim locks an index entry of ``ix_messages_claimable`` and then the row, while a
     transition by primary key (a cancel) holds the row and then changes that index entry: each waits for the
     other, and InnoDB rolls one back whole, so running it again is safe and is what the server asks for."""
     for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
@@ -496,7 +497,7 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 if budget:
-                    await cur.execute("SELECT COUNT(*) FROM messages WHERE status = 'queued'")
+                    await cur.execute(f"SELECT COUNT(*) FROM messages WHERE {IN_FLIGHT} AND status = 'queued'")
                     (waiting,) = await cur.fetchone()
                     limit -= int(waiting)
                 if limit <= 0:
@@ -558,7 +559,7 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    "SELECT id FROM messages WHERE status = 'queued' AND (queued_at IS NULL"
+                    f"SELECT id FROM messages WHERE {IN_FLIGHT} AND status = 'queued' AND (queued_at IS NULL"
                     " OR (published_at IS NULL AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)"
                     f"{confirmed}) ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
                     [*args, limit],
@@ -591,7 +592,8 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    "SELECT id, recipient, content, attempts, at_least_once FROM messages WHERE status = 'sending'"
+                    "SELECT id, recipient, content, attempts, at_least_once FROM messages"
+                    f" WHERE {IN_FLIGHT} AND status = 'sending'"
                     " AND (lease_expires_at IS NULL OR lease_expires_at < UTC_TIMESTAMP(6))"
                     " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                     (limit,),
@@ -702,8 +704,8 @@ class MessageStore(MessageQueries):
                 if any_sent:
                     head += (
                         " SELECT value FROM counters WHERE name = 'sent' FOR UPDATE;"
-                        " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_at) + INTERVAL 1 MICROSECOND,"
-                        " UTC_TIMESTAMP(6))) FROM messages WHERE status = 'sent';"
+                        " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_key) + INTERVAL 1 MICROSECOND,"
+                        " UTC_TIMESTAMP(6))) FROM messages;"
                     )
                 await cur.execute(
                     head + f" SELECT id, status, delivery_token, sent_at FROM messages WHERE id IN ({_in(ids)})"
@@ -822,7 +824,7 @@ class MessageStore(MessageQueries):
     async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int, int]:
         """One retention batch: up to ``limit`` ``sent`` rows sent, up to ``limit`` ``failed`` rows failed and
         up to ``limit`` ``cancelled`` rows cancelled more than ``days`` ago, oldest first, with their attempt
-        rows and their counts, in one short transaction (index ranges of ``ix_messages_sent``,
+        rows and their counts, in one short transaction (index ranges of ``ix_messages_sent_key``,
         ``ix_messages_failed_at`` and ``ix_messages_cancelled_at``; rows in use are skipped, not waited for).
         Removing the oldest sent rows keeps offsets and cursors of the sent list right: the numbering of the
         others does not move. Returns ``(sent, failed, cancelled)`` removed."""
@@ -834,8 +836,8 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    f"SELECT id FROM messages WHERE status = 'sent' AND sent_at < {cutoff}"
-                    " ORDER BY sent_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    f"SELECT id FROM messages WHERE sent_key < {cutoff}"
+                    " ORDER BY sent_key, id LIMIT %s FOR UPDATE SKIP LOCKED",
                     (age, limit),
                 )
                 sent = [int(r[0]) for r in await cur.fetchall()]

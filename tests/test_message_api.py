@@ -76,7 +76,7 @@ async def test_the_claim_is_a_range_scan_of_the_due_index_without_a_sort(
     plan = await explain(settings, CLAIM_SQL.replace(" FOR UPDATE SKIP LOCKED", ""), (10,))
     assert len(plan) == 1, plan
     (row,) = plan
-    assert row["key"] == "ix_messages_due" and row["type"] == "range", plan
+    assert row["key"] == "ix_messages_claimable" and row["type"] == "range", plan
     assert "filesort" not in str(row["extra"]).lower(), plan
     assert "FOR UPDATE SKIP LOCKED" in CLAIM_SQL
 
@@ -534,9 +534,10 @@ async def test_each_filter_is_served_by_an_index(store: MessageStore, settings: 
     await sql(settings, "ANALYZE TABLE messages")
     cursor = (int(time.time() * 1e6), 2**40)
     cases = [
-        (["pending", "failed"], None, None, "ix_messages_claim"),
+        (["pending", "failed"], None, None, "ix_messages_listed"),
         (["sent"], "+905551000001", None, "ix_messages_recipient_created"),
-        (["pending"], None, cursor, "ix_messages_claim"),
+        (["pending"], None, cursor, "ix_messages_listed"),
+        (["queued", "sending", "cancelled"], None, cursor, "ix_messages_listed"),
         (["pending", "queued"], "+905551000001", cursor, "ix_messages_recipient_created"),
     ]
     for statuses, recipient, after, index in cases:
