@@ -683,6 +683,18 @@ class MessageStore(MessageQueries):
             await _drain(cur)
         return {int(r[0]): Delivery(int(r[0]), r[1], r[2], r[3], int(r[4]), r[5]) for r in found}
 
+    async def give_back(self, message_id: int, token: int) -> bool:
+        """A row this delivery won (``sending`` with its token) that it will not send after all (the rate limit
+        had no slot for it in time): back to ``pending``, due at once, no attempt spent, nothing recorded; the
+        next tick claims it again. False if the row is no longer this delivery's."""
+        moved = await self._move(
+            "UPDATE messages SET status = 'pending', delivery_token = NULL, lease_expires_at = NULL,"
+            " queued_at = NULL, published_at = NULL WHERE id = %s AND status = 'sending' AND delivery_token = %s",
+            [message_id, token],
+            {"sending": "-@moved", "pending": "@moved"},
+        )
+        return bool(moved)
+
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> Recorded:
         """Write a batch of delivery outcomes as one transaction (the group commit): the row updates, the sent
         counter, and one ``message_attempts`` row per attempt.

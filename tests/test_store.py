@@ -275,6 +275,25 @@ async def test_counts_follow_every_transition_and_hand_inserts(store: MessageSto
     assert kept["sent"] == 1 and kept["failed"] == 1 and kept["sending"] == 0, (kept, ids)
 
 
+async def test_a_row_given_back_is_pending_again_unsent_and_only_by_its_delivery(
+    store: MessageStore, settings: Settings
+) -> None:
+    """A delivery that won its row but found no rate slot in time gives it back: ``pending`` and due, no attempt
+    spent or recorded, token and lease cleared, counts kept; another delivery's token (or a row no longer
+    ``sending``) changes nothing; the next claim takes it again."""
+    (mid,) = await seed(store, 1)
+    await store.claim(1)
+    await store.begin_sending([(mid, 7)], lease_seconds=60)
+    assert not await store.give_back(mid, 8), "another delivery's token gave the row back"
+    assert await store.give_back(mid, 7)
+    assert not await store.give_back(mid, 7), "given back twice"
+    row = (await sql(settings, "SELECT status, attempts, delivery_token, lease_expires_at FROM messages"))[0]
+    assert row == ("pending", 0, None, None)
+    assert (await store.get(mid))["attempt_log"] == []
+    await _counts_match(store, settings)
+    assert await store.claim(1) == [mid]
+
+
 async def test_recount_repairs_counts_after_changes_by_hand(store: MessageStore, settings: Settings) -> None:
     ids = await seed(store, 4)
     await sql(settings, "UPDATE messages SET status = 'failed' WHERE id = %s", (ids[0],))
