@@ -18,6 +18,8 @@ import aiomysql
 import orjson
 import redis.asyncio as redis
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from common import topology, tracing
 from common.cache import MessageCache
@@ -60,6 +62,18 @@ def parse_body(body: bytes) -> list[int] | None:
     return None
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    """The consumer's Redis client (the cache and delivery control). A pooled connection Redis closed (it
+    restarted) fails once when next used: that command is sent again at once on a fresh connection, so it is
+    not taken for an outage. A timeout is not sent again (a hung server would cost twice the wait)."""
+    return redis.from_url(
+        settings.redis_url.reveal(),
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
+
+
 class Consumer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -79,7 +93,7 @@ class Consumer:
                 pool_ctx(s, maxsize=8, read_timeout=SERVICE_READ_TIMEOUT_SECONDS)
             )
             await migrate(pool)
-            client = redis.from_url(s.redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5)
+            client = redis_client(s)
             stack.push_async_callback(client.aclose)
             self.cache = CacheWriter(MessageCache(client, s.cache_ttl_seconds, s.redis_prefix))
             session = Webhook.open_session(s)
