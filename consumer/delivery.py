@@ -4,10 +4,12 @@ Per id the order is fixed, and it is what makes "never twice" hold whatever cras
 1. a concurrency slot (a webhook connection) is taken, so a row is never ``sending`` while it waits for one;
 2. the ``queued -> sending`` compare-and-set with a fresh delivery token and a sending lease (grouped with
    other deliveries into one statement); only the winner goes on, everything else is a dropped duplicate;
-3. the webhook POST (whatever happens, it ends in an :class:`Outcome`; a bug becomes an unknown outcome);
-4. the outcome and an attempts row, group-committed, fenced by the token; a failing group commit is retried
+3. with a rate limit, the wait for the delivery's rate slot (bounded; a row that finds none in time is given
+   back to ``pending`` unsent, no attempt spent: :meth:`~consumer.control.Control.depart`);
+4. the webhook POST (whatever happens, it ends in an :class:`Outcome`; a bug becomes an unknown outcome);
+5. the outcome and an attempts row, group-committed, fenced by the token; a failing group commit is retried
    one outcome at a time so one bad row cannot strand the others; then ``message:<messageId>`` in Redis.
-A crash before 2 or after 4 is harmless (the row says what happened); a crash between them leaves the row
+A crash before 2 or after 5 is harmless (the row says what happened); a crash between them leaves the row
 ``sending`` until its lease runs out, and the producer's sweep settles it (outcome unknown).
 """
 
@@ -57,7 +59,9 @@ class Deliveries:
         self.webhook = webhook
         self.cache = cache
         self.dead_letter = dead_letter
-        self.lease = settings.webhook_timeout_seconds + SENDING_LEASE_MARGIN
+        # The sending lease: the request's timeout, the longest wait for a rate slot (0 without a limit), a margin.
+        slot_wait = self.control.max_slot_wait if self.control is not None else 0.0
+        self.lease = settings.webhook_timeout_seconds + slot_wait + SENDING_LEASE_MARGIN
         self.at_least_once = settings.is_at_least_once
         self.slots = asyncio.Semaphore(settings.consumer_concurrency)
         # One flush of each kind at a time: what arrives meanwhile goes into the next one, so under load the
@@ -95,8 +99,9 @@ class Deliveries:
                     extra={"message_id": message_id},
                 )
                 return True
-            if ticket is not None:
-                await ticket.on_time()
+            if ticket is not None and self.control is not None and not await self.control.depart(ticket):
+                await self._give_back(message_id, token)
+                return True
             try:
                 # its span (tracing on) is the aiohttp client instrumentation's "webhook request", which sends its
                 # traceparent
@@ -109,6 +114,16 @@ class Deliveries:
         with tracing.span("outcome commit", attributes={"message.id": message_id, "outcome": outcome.kind}):
             await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
         return True
+
+    async def _give_back(self, message_id: int, token: int) -> None:
+        moved = await self._persist(lambda: self.store.give_back(message_id, token), "give-back")
+        log.info(
+            "message %d: no rate slot within %.1fs of its compare-and-set; %s, no attempt spent",
+            message_id,
+            self.control.max_slot_wait if self.control is not None else 0.0,
+            "back to pending" if moved else "no longer this delivery's",
+            extra={"message_id": message_id},
+        )
 
     async def _report(self, ticket: Ticket, outcome: Outcome) -> None:
         assert self.control is not None

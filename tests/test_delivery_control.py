@@ -4,23 +4,34 @@ seen by any consumer, and a circuit breaker shared through Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import dataclasses
+import itertools
+import logging
 import os
+import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 from standardwebhooks.webhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from common import topology
 from common.errors import SettingsError
-from common.settings import Settings
+from common.settings import Secret, Settings
 from common.store import MessageStore
-from consumer.control import Control
+from consumer.control import GRACE, MAX_SLOT_WAIT, Control, Slots, Ticket
+from consumer.service import Consumer, redis_client
 from consumer.signing import Signer
-from tests.chaos_helpers import assert_accounting, counts, insert, logged, ready, start, wait_finished
+from tests.chaos_helpers import assert_accounting, counts, insert, logged, outage, ready, start, wait_finished
 from tests.conftest import sql
+from tests.private_servers import PrivateServer
 from tests.procs import ARTIFACTS, Cluster, Service, StandIn, free_port, wait_for
 from tests.test_rate_and_failover import most_in_any_window
 
@@ -110,13 +121,25 @@ async def test_four_consumers_share_one_rate_limit(
     assert acc.sent == set(ids)
     arrivals = sorted(float(r["at"]) for r in await standin.received())
     drain = arrivals[-1] - arrivals[0]
-    print(f"1,000 at 50/s over 4 consumers: drain {drain:.1f}s, busiest second {most_in_any_window(arrivals, 1)}")
-    # The issue asks for no second above 55 (limit + 10 %). The limiter reserves each slot before the
-    # compare-and-set; a delivery whose compare-and-set outlasts its head start goes out late, beside the next
-    # slot's request: alone on this machine the busiest second was 52-56, inside the loaded suite 65. The
-    # total holds (the drain below); this bound is what the design keeps, the README says so.
-    assert most_in_any_window(arrivals, 1.0) <= 70
+    waits = [await control_waits(c) for c in consumers]
+    late, given_back = sum(w.get("late", 0) for w in waits), sum(w.get("given-back", 0) for w in waits)
+    print(
+        f"1,000 at 50/s over 4 consumers: drain {drain:.1f}s, busiest second {most_in_any_window(arrivals, 1)},"
+        f" late for their slot {late}, given back {given_back}"
+    )
+    # The issue's bound, limit + 10 %: a delivery whose compare-and-set ran past its slot takes a new one
+    # instead of going out beside the next slot's request, so the spacing holds whatever the database does.
+    assert most_in_any_window(arrivals, 1.0) <= 55
     assert 18 <= drain <= 24, f"the drain took {drain:.1f}s instead of about 20s"
+
+
+async def control_waits(svc: Service) -> dict[str, int]:
+    """This consumer's ``consumer_delivery_control_waits_total`` by reason (its /metrics)."""
+    port = svc.env["CONSUMER_METRICS_PORT"]  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    found = re.findall(r'^consumer_delivery_control_waits_total\{reason="([^"]+)"\} (\S+)$', text, re.M)
+    return {reason: int(float(n)) for reason, n in found}
 
 
 async def test_a_retry_after_pauses_every_consumer(
@@ -272,3 +295,181 @@ async def test_a_limit_above_a_thousand_per_second_keeps_its_spacing(settings: S
         answers = await pipe.execute()
     delays = [int(a[1]) for a in answers]
     assert delays == sorted(delays) and 4 <= delays[-1] <= 7, delays
+
+
+# --- a delivery past its rate slot, and a Redis outage -------------------------------------------------------
+
+
+def test_the_local_share_spaces_its_slots_like_the_shared_limit() -> None:
+    """While Redis is down each consumer's share is the same GCRA (pure logic): slots 1/rate apart, none
+    reserved beyond the horizon, and how long until one is free."""
+    slots = Slots(10, time.monotonic())
+    taken = [at for at in (slots.take(1.0) for _ in range(11)) if at is not None]
+    assert len(taken) == 11
+    gaps = [b - a for a, b in itertools.pairwise(taken)]
+    assert all(abs(g - 0.1) < 1e-9 for g in gaps), gaps
+    assert slots.take(1.0) is None and slots.tat == pytest.approx(taken[-1] + 0.1)
+    assert 0.05 < slots.free_in(1.0) <= 0.1
+
+
+async def test_a_delivery_past_its_slot_takes_the_next_free_one_within_its_bound(
+    settings: Settings, redis_client: Any
+) -> None:
+    """The late lane. With every slot of the horizon taken, a delivery still queued is told to wait, but one whose
+    row is already sending and missed its slot takes the next free slot at once (not behind the waiters) and goes
+    then; when none is free within MAX_SLOT_WAIT it is answered at once, nothing reserved, so its row goes back;
+    a delivery on time takes no second slot."""
+    control = Control(dataclasses.replace(settings, webhook_rate_limit_per_second=10), redis_client, "test")
+    rate_key = control.keys[2]
+    for _ in range(11):  # the horizon (one second at 10/s) full
+        await control.admit_script(keys=control.keys, args=control.admit_args())
+    assert (await control.admit_script(keys=control.keys, args=control.admit_args()))[0] == b"rate"
+
+    before = int(await redis_client.get(rate_key))
+    began = time.monotonic()
+    assert await control.depart(Ticket(at=began - 1.0))  # a second late: the next free slot, ~1.1 s away
+    waited = time.monotonic() - began
+    assert 0.8 <= waited <= MAX_SLOT_WAIT, waited
+    assert int(await redis_client.get(rate_key)) == before + 100_000  # one slot (µs) more, no other
+
+    for _ in range(20):  # slots taken up to ~2.1 s ahead, beyond the bound (as after a stalled database)
+        await control.admit_script(keys=control.keys, args=control.admit_args(late_ms=10_000))
+    before = int(await redis_client.get(rate_key))
+    began = time.monotonic()
+    assert not await control.depart(Ticket(at=began - 1.0))
+    assert time.monotonic() - began < 0.5, "a row waited for a slot it could not get"
+    assert int(await redis_client.get(rate_key)) == before, "a slot was reserved for a row given back"
+
+    began = time.monotonic()
+    assert await control.depart(Ticket(at=began + 0.2))  # on time: waits for its own slot, takes no other
+    assert 0.2 <= time.monotonic() - began < 0.2 + GRACE + 0.1
+    assert int(await redis_client.get(rate_key)) == before
+
+
+@pytest.fixture
+async def limited(settings: Settings, standin: StandIn) -> AsyncIterator[tuple[Settings, topology.Topology]]:
+    """A consumer in this process limited to 2 requests/s, and a channel to publish ids to it."""
+    s = dataclasses.replace(
+        settings,
+        webhook_url=Secret(f"{standin.url}/webhook"),
+        webhook_rate_limit_per_second=2,
+        consumer_metrics_port=0,
+    )
+    stop = asyncio.Event()
+    consumer = Consumer(s)
+    task = asyncio.get_running_loop().create_task(consumer.run(stop))
+    await wait_for(lambda: _value(consumer.ready), 20, "the consumer to consume")
+    conn = await topology.connect(s.amqp_url.reveal())
+    try:
+        yield s, await topology.open_channel(conn, queue_type=s.amqp_queue_type)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await conn.close()
+
+
+async def _value(v: Any) -> Any:
+    return v
+
+
+@contextlib.asynccontextmanager
+async def _row_locked(store: MessageStore, message_id: int) -> AsyncIterator[None]:
+    """Hold the row's lock (as a slow transaction would): the compare-and-set waits for it."""
+    async with store.pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("START TRANSACTION")
+        await cur.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", (message_id,))
+        try:
+            yield
+        finally:
+            await conn.rollback()
+
+
+def _late_count() -> float:
+    """Deliveries of this process found past their rate slot (its ``consumer_delivery_control_waits_total``)."""
+    return REGISTRY.get_sample_value("consumer_delivery_control_waits_total", {"reason": "late"}) or 0.0
+
+
+async def _status(settings: Settings, message_id: int, status: str) -> bool:
+    return bool(await sql(settings, "SELECT 1 FROM messages WHERE id = %s AND status = %s", (message_id, status)))
+
+
+@pytest.mark.parametrize("slots_free", [True, False], ids=["re-reserved", "given-back"])
+async def test_a_compare_and_set_that_outlasts_its_slot(
+    slots_free: bool,
+    limited: tuple[Settings, topology.Topology],
+    store: MessageStore,
+    settings: Settings,
+    standin: StandIn,
+    redis_client: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A compare-and-set held up (a row lock here) past the delivery's slot: the request does not go late, beside
+    the next slot's; it goes at a slot reserved after the compare-and-set (its arrival one spacing before the
+    limiter's next free slot), or, when the other deliveries took every slot within MAX_SLOT_WAIT, the row goes
+    back to pending unsent: no attempt spent, nothing recorded, nothing at the service."""
+    caplog.set_level(logging.INFO, logger="consumer.delivery")
+    s, channel = limited
+    control = Control(s, redis_client, "test")
+    [message_id] = await insert(store, 1)
+    assert await store.claim(1) == [message_id]
+    late_before = _late_count()
+    async with _row_locked(store, message_id):
+        assert await channel.publish_ids([message_id]) == []
+        # The delivery reserved its slot (now: the limiter was idle), then went on to its compare-and-set, which
+        # cannot finish while the lock is held.
+        await wait_for(lambda: redis_client.exists(control.keys[2]), 20, "the delivery to take its rate slot")
+        await asyncio.sleep(0.3)  # the slot now 0.3 s past, more than the grace (a duration made to pass)
+        if not slots_free:  # slots taken up to 2.5 s ahead, as when many compare-and-sets finish at once
+            for _ in range(5):
+                await control.admit_script(keys=control.keys, args=control.admit_args(late_ms=10_000))
+    if slots_free:
+        await wait_for(lambda: _status(settings, message_id, "sent"), 20, "the message to be sent")
+        [arrival] = [float(r["at"]) for r in await standin.received()]
+        next_free = int(await redis_client.get(control.keys[2])) / 1_000_000  # Redis TIME: the same wall clock
+        assert abs(next_free - 0.5 - arrival) < 0.1, f"sent {next_free - arrival:.3f}s before the next free slot"
+        assert _late_count() >= late_before + 1
+        assert (await sql(settings, "SELECT attempts FROM messages WHERE id = %s", (message_id,)))[0][0] == 1
+    else:
+        await wait_for(lambda: _value("back to pending, no attempt spent" in caplog.text), 20, "the row given back")
+        assert await _status(settings, message_id, "pending")
+        row = await sql(
+            settings, "SELECT attempts, delivery_token, lease_expires_at FROM messages WHERE id = %s", (message_id,)
+        )
+        assert row == [(0, None, None)]
+        assert await sql(settings, "SELECT 1 FROM message_attempts WHERE message_id = %s", (message_id,)) == []
+        assert await standin.received() == []
+
+
+@pytest.mark.private("redis")
+async def test_one_line_when_redis_goes_and_one_when_it_is_back(
+    settings: Settings, private_redis: PrivateServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restart: one warning when the limiter loses it and one line when it is back, nothing in
+    between and nothing after, although every pooled connection the restart closed fails once when next used
+    and the first calls after the restart race the last failing ones."""
+    caplog.set_level(logging.INFO, logger="consumer.control")
+    client = redis_client(dataclasses.replace(settings))
+    control = Control(dataclasses.replace(settings, webhook_rate_limit_per_second=50), client, "test")
+
+    async def burst(n: int) -> None:
+        await asyncio.gather(*(control.admit() for _ in range(n)))
+
+    async def back() -> bool:
+        await burst(5)
+        return control.redis == "up"
+
+    try:
+        await burst(10)  # ten pooled connections
+        async with outage(private_redis) as server:
+            await burst(3)
+            assert control.redis == "down"
+            await server.start()
+        await wait_for(back, 20, "the limiter to count Redis as back")
+        for _ in range(5):
+            await burst(10)  # the pooled connections the restart closed, each used again
+    finally:
+        await client.aclose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "consumer.control"]
+    assert sum("Redis unreachable" in line for line in lines) == 1, lines
+    assert sum("Redis answers again" in line for line in lines) == 1, lines
+    assert control.redis == "up"
