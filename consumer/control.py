@@ -227,6 +227,7 @@ class Control:
         self.settle_seconds = SETTLE_SECONDS
         self.last_answer = 0.0  # when the latest call that was answered started (monotonic)
         self.last_failure = 0.0  # when the latest call that failed started
+        self.waiting = asyncio.Lock()  # held by the one delivery of this consumer that waits to ask again
         metrics.BREAKER_STATE.set(0)
 
     @property
@@ -257,44 +258,70 @@ class Control:
         """Wait until a request may go out: no pause, the breaker lets it, a rate slot reserved. The row is
         still ``queued`` all along: waiting here spends no attempt and no sending lease."""
         while True:
-            if self.redis == "down" and time.monotonic() < self.retry_redis_at:
-                local = await self._admit_locally()
-                if local is not None:
-                    return local
-                continue
-            answer = await self._call(self.admit_script, self.keys, self.admit_args())
-            if answer is None:
-                continue  # no answer: this consumer's share from now on (or ask again: see _failed)
-            kind, wait_ms, members, change = answer
-            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-            if members:
-                self.members = int(members)
-            if change:
-                self._changed(change.decode() if isinstance(change, bytes) else str(change))
-            if kind in ("go", "probe"):
-                at: float | None = None
-                if self.rate > 0:
-                    at = time.monotonic() + int(wait_ms) / 1000
-                    if self.slots is not None:  # settling: this consumer's share holds too
-                        mine = self.slots.take(HORIZON_MS / 1000)
-                        if mine is None:  # the shared slot is let go (the rate only errs low)
-                            await asyncio.sleep(self.slots.free_in(HORIZON_MS / 1000))
-                            continue
-                        at = max(at, mine)
-                    if at - time.monotonic() > LEAD:
-                        await asyncio.sleep(at - time.monotonic() - LEAD)
-                        if await self._paused():  # a Retry-After came while this one waited: its slot is let go
-                            continue
-                    if time.monotonic() > at + GRACE and kind == "go":  # overslept (a busy loop): still queued
-                        continue
-                return Ticket(probe=kind == "probe", at=at)
-            if kind == "open":
-                metrics.BREAKER_STATE.set(STATES["open"])
-            if self.fallback and kind in ("open", "half-open"):
-                metrics.FALLBACK_ATTEMPTS.inc()
+            kind, at, mine = await self._reserve()
+            if kind == "fallback":
                 return Ticket(fallback=True)
-            metrics.CONTROL_WAITS.labels(kind).inc()
-            await asyncio.sleep((int(wait_ms) + random.randint(0, 50)) / 1000)
+            if at is not None and at - time.monotonic() > LEAD:
+                await asyncio.sleep(at - time.monotonic() - LEAD)
+                # A Retry-After came while this one waited: its slot is let go.
+                if (time.monotonic() < self.local_pause) if mine else await self._paused():
+                    continue
+            if at is not None and time.monotonic() > at + GRACE and kind == "go":
+                continue  # overslept (a busy loop): its slot is gone, and it is still queued
+            return Ticket(probe=kind == "probe", at=at)
+
+    async def _reserve(self) -> tuple[str, float | None, bool]:
+        """``(kind, slot, mine)``: "go" or "probe" with the rate slot reserved (None without a limit) and whether
+        it is this consumer's share alone (Redis down), or "fallback". A delivery told to wait queues behind the
+        one of this consumer already waiting, which alone asks again (not a herd of every waiting delivery)."""
+        queued = False
+        try:
+            while True:
+                if self.redis == "down" and time.monotonic() < self.retry_redis_at:
+                    wait = self.local_pause - time.monotonic()  # this consumer's own pause, its share
+                    if wait <= 0:
+                        if self.slots is None:
+                            return "go", None, True  # no rate limit, only the breaker: it lets all through
+                        at = self.slots.take(HORIZON_MS / 1000)
+                        if at is not None:
+                            return "go", at, True
+                        wait = self.slots.free_in(HORIZON_MS / 1000)
+                else:
+                    answer = await self._call(self.admit_script, self.keys, self.admit_args())
+                    if answer is None:
+                        continue  # no answer: this consumer's share from now on (or ask again: see _failed)
+                    kind, wait_ms, members, change = answer
+                    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                    if members:
+                        self.members = int(members)
+                    if change:
+                        self._changed(change.decode() if isinstance(change, bytes) else str(change))
+                    if kind in ("go", "probe"):
+                        if self.rate <= 0:
+                            return kind, None, False
+                        at = time.monotonic() + int(wait_ms) / 1000
+                        if self.slots is None:
+                            return kind, at, False
+                        mine = self.slots.take(HORIZON_MS / 1000)  # settling: this consumer's share holds too
+                        if mine is not None:
+                            return kind, max(at, mine), False
+                        wait = self.slots.free_in(HORIZON_MS / 1000)  # the shared slot is let go
+                    else:
+                        if kind == "open":
+                            metrics.BREAKER_STATE.set(STATES["open"])
+                        if self.fallback and kind in ("open", "half-open"):
+                            metrics.FALLBACK_ATTEMPTS.inc()
+                            return "fallback", None, False
+                        metrics.CONTROL_WAITS.labels(kind).inc()
+                        wait = (int(wait_ms) + random.randint(0, 50)) / 1000
+                if not queued:
+                    await self.waiting.acquire()
+                    queued = True
+                    continue  # its turn: ask again at once
+                await asyncio.sleep(wait)
+        finally:
+            if queued:
+                self.waiting.release()
 
     async def depart(self, ticket: Ticket) -> bool:
         """Just before the request (the row is ``sending`` now): wait for the ticket's rate slot; True to go.
@@ -400,23 +427,6 @@ class Control:
         elif change == "closed":
             log.warning("circuit breaker closed: the probe succeeded; deliveries go on")
             metrics.BREAKER_STATE.set(STATES["closed"])
-
-    async def _admit_locally(self) -> Ticket | None:
-        """Redis is down: this consumer's own pause and share, the breaker closed. None when the caller is to
-        ask again: Redis is asked at most every :data:`REDIS_RETRY_SECONDS` (not by every delivery: an
-        unreachable host would make each one wait for the connect timeout)."""
-        wait = self.local_pause - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if self.slots is None:
-            return Ticket()  # no rate limit, only the breaker, which lets everything through
-        at = self.slots.take(HORIZON_MS / 1000)
-        if at is None:
-            await asyncio.sleep(self.slots.free_in(HORIZON_MS / 1000) + random.uniform(0, 0.01))
-            return None
-        if at - time.monotonic() > LEAD:
-            await asyncio.sleep(at - time.monotonic() - LEAD)
-        return Ticket(at=at)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """One script call; None when Redis did not answer (and the state follows what the call says)."""
