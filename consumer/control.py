@@ -475,13 +475,17 @@ class Control:
         if started < self.last_failure:
             return  # a call made after this one failed: Redis is not back
         self.last_answer = max(self.last_answer, started)
-        if self.redis == "up":
-            return
-        now = time.monotonic()
         if self.redis == "down":
             self.redis = "settling"
-            self.settled_at = now + self.settle_seconds
-        elif now >= self.settled_at:
+            self.settled_at = time.monotonic() + self.settle_seconds
+            # Back then, if no call failed meanwhile, whether or not calls come (an idle consumer says so too).
+            asyncio.get_running_loop().call_later(self.settle_seconds + 0.01, self._settle)
+        else:
+            self._settle()
+
+    def _settle(self) -> None:
+        now = time.monotonic()
+        if self.redis == "settling" and now >= self.settled_at:
             self.redis = "up"
             self.slots = None
             log.info(

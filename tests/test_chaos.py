@@ -818,11 +818,18 @@ async def test_13_limiter_and_breaker_without_redis(
     arrivals = [float(r["at"]) for r in await standin.received()]
     during = [t for t in arrivals if down_at + 1 < t < up_at]
     assert during, "nothing was sent while Redis was down"
-    # Each consumer's share while Redis is down, plus the slots reserved before it went: bounded at 1.5x
-    # (27 of 20/s seen once in make test; the issue's 1.1x is not kept across the switch, see issue 16 notes).
-    assert most_in_any_window(during, 1.0) <= rate * 1.5 + 1, "above the limit while Redis was down"
-    assert most_in_any_window(arrivals, 1.0) <= rate * 1.5 + 1
+    print(
+        f"busiest second: {most_in_any_window(arrivals, 1.0)} in all, {most_in_any_window(during, 1.0)} while"
+        f" Redis was down ({len(during)} requests in {up_at - down_at - 1:.1f}s)"
+    )
+    # The issue's bound, limit + 10 %, across both switches: each consumer's share while Redis is down, the
+    # slots reserved in Redis before it went still going out first, the share kept beside the shared limit
+    # until Redis has answered for 2 s.
+    assert most_in_any_window(during, 1.0) <= rate * 1.1, "above the limit while Redis was down"
+    assert most_in_any_window(arrivals, 1.0) <= rate * 1.1
     for c in consumers:
-        assert_quiet(c, r"Redis unreachable", at_most=2)
+        # One line when the outage starts, one when it is over, however the calls race the restart.
+        assert_quiet(c, r"Redis unreachable", at_most=1)
+        assert c.log().count("Redis answers again") == 1, f"{c.name}: not one line for Redis being back"
         assert logged(c, "the rate limit falls back to this consumer's share, 10.00/s (20/s over 2 consumers)")
     alive(*consumers)

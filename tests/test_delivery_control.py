@@ -26,7 +26,7 @@ from common import topology
 from common.errors import SettingsError
 from common.settings import Secret, Settings
 from common.store import MessageStore
-from consumer.control import GRACE, MAX_SLOT_WAIT, Control, Slots, Ticket
+from consumer.control import GRACE, MAX_SLOT_WAIT, SETTLE_SECONDS, Control, Slots, Ticket
 from consumer.service import Consumer, redis_client
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, outage, ready, start, wait_finished
@@ -454,9 +454,9 @@ async def test_one_line_when_redis_goes_and_one_when_it_is_back(
     async def burst(n: int) -> None:
         await asyncio.gather(*(control.admit() for _ in range(n)))
 
-    async def back() -> bool:
-        await burst(5)
-        return control.redis == "up"
+    async def answered() -> bool:
+        await burst(1)
+        return control.redis != "down"
 
     try:
         await burst(10)  # ten pooled connections
@@ -464,7 +464,10 @@ async def test_one_line_when_redis_goes_and_one_when_it_is_back(
             await burst(3)
             assert control.redis == "down"
             await server.start()
-        await wait_for(back, 20, "the limiter to count Redis as back")
+        await wait_for(answered, 20, "a call answered again")
+        assert control.redis == "settling" and "Redis answers again" not in caplog.text
+        # Back once it has answered for SETTLE_SECONDS with no call failing, even with no call coming meanwhile.
+        await wait_for(lambda: _value(control.redis == "up"), SETTLE_SECONDS + 5, "Redis counted as back")
         for _ in range(5):
             await burst(10)  # the pooled connections the restart closed, each used again
     finally:
