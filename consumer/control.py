@@ -9,6 +9,7 @@
   the waiters' horizon, only by its own bound (:data:`MAX_SLOT_WAIT` after the compare-and-set, added to the
   sending lease); when no slot is free within that bound the row is given back (``pending``, no attempt).
   So the requests leave at the slots' spacing, however many consumers run, whatever the database does.
+  A delivery told to wait queues behind the one of its consumer already waiting, which alone asks again.
 - A ``429`` or ``503`` with ``Retry-After`` sets a pause until then: every consumer's next request waits.
 - The breaker (Convoy's): failures (5xx, timeouts, connection errors) and requests are counted in buckets of
   a tenth of the window; when at least ``min_requests`` were made and the share of failures reaches the
@@ -18,9 +19,10 @@
 Waiting for admission happens before the ``queued -> sending`` compare-and-set, so a waiting message spends
 no attempt and no sending lease. While Redis is down the rate limit falls back to this consumer's share (the
 limit divided by the consumers seen lately, the same GCRA in :class:`Slots`), the pause is this consumer's
-own, and the breaker lets everything through. When Redis answers again the share still holds beside the
-shared limit until Redis has answered for :data:`SETTLE_SECONDS` (the other consumers may still be on their
-shares): one log line when an outage starts, one when it is over.
+own, the breaker lets everything through, and Redis is asked again every :data:`REDIS_RETRY_SECONDS`. When it
+answers again the share still holds beside the shared limit until Redis has answered for
+:data:`SETTLE_SECONDS` with no call failing (the other consumers may still be on their shares): one log line
+when an outage starts, one when it is over.
 """
 
 from __future__ import annotations
