@@ -822,11 +822,13 @@ async def test_13_limiter_and_breaker_without_redis(
         f"busiest second: {most_in_any_window(arrivals, 1.0)} in all, {most_in_any_window(during, 1.0)} while"
         f" Redis was down ({len(during)} requests in {up_at - down_at - 1:.1f}s)"
     )
-    # The bound, limit + 10 %, across both switches: each consumer's share while Redis is down, the
-    # slots reserved in Redis before it went still going out first, the share kept beside the shared limit
-    # until Redis has answered for 2 s.
-    assert most_in_any_window(during, 1.0) <= rate * 1.1, "above the limit while Redis was down"
-    assert most_in_any_window(arrivals, 1.0) <= rate * 1.1
+    # The bound, limit + 10 % (22), across both switches: the slots reserved in Redis before it went
+    # still go out first, then each consumer's share, kept beside the shared limit until Redis has answered
+    # for 2 s. A GCRA holds one request more than its rate in a window with a slot at each end, and so does
+    # each consumer's share: while Redis is down the bound is the limit + one per consumer, 22 here too.
+    bound = rate + rate // 10
+    assert most_in_any_window(during, 1.0) <= bound, "above the limit while Redis was down"
+    assert most_in_any_window(arrivals, 1.0) <= bound
     for c in consumers:
         # One line when the outage starts, one when it is over, however the calls race the restart.
         assert_quiet(c, r"Redis unreachable", at_most=1)
