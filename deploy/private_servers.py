@@ -18,6 +18,7 @@ account, so the services connect to it as to the shared one.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import getpass
 import os
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import pymysql
 from mirakuru import TCPExecutor
@@ -34,6 +36,16 @@ from common.settings import Settings
 from deploy.devsupport import free_port
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
+_OPEN: set[PrivateServer] = set()
+
+
+@atexit.register
+def _close_open() -> None:
+    """At interpreter exit, every server not closed yet (an exception that bypassed its owner's clean-up)."""
+    for server in list(_OPEN):
+        server.close()
 
 
 class PrivateServerError(RuntimeError):
@@ -60,6 +72,7 @@ class PrivateServer:
         self.dir = Path(tempfile.mkdtemp(prefix=f"ms-private-{self.name}-"))
         self.port = free_port()
         self.executor: TCPExecutor | None = None
+        _OPEN.add(self)
 
     def boot(self) -> None:
         """Create the data directory and start the server (``close()`` removes everything in any case)."""
@@ -97,6 +110,7 @@ class PrivateServer:
             self.end()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            _OPEN.discard(self)
 
 
 class PrivateMariaDB(PrivateServer):
@@ -116,6 +130,7 @@ class PrivateMariaDB(PrivateServer):
     def __init__(self, base: Settings, options: Mapping[str, str] | None = None) -> None:
         super().__init__(base)
         self.options = {**self.OPTIONS, **(options or {})}
+        self.stderr: IO[str] | None = None
 
     def boot(self) -> None:
         data, me = self.dir / "data", getpass.getuser()
@@ -135,7 +150,9 @@ class PrivateMariaDB(PrivateServer):
             program("mariadbd", "mariadb-server"), "--no-defaults", *server,
             "--bind-address=127.0.0.1", f"--port={self.port}", "--skip-name-resolve",
         ]  # fmt: skip
-        self.executor = TCPExecutor(command, "127.0.0.1", self.port, timeout=60)
+        # What it says before its error log is open (a warning about open files) goes beside that log.
+        self.stderr = (self.dir / "stderr.log").open("w")
+        self.executor = TCPExecutor(command, "127.0.0.1", self.port, timeout=60, stderr=self.stderr)
         self.executor.start()
         self.user, self.password = self.base.mysql_user, self.base.mysql_password.reveal()
         root = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="")
@@ -159,3 +176,5 @@ class PrivateMariaDB(PrivateServer):
         pool (tens of seconds after a bulk load into a pool of gigabytes)."""
         if self.executor is not None:
             self.executor.kill()
+        if self.stderr is not None:
+            self.stderr.close()
