@@ -14,6 +14,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -21,7 +22,7 @@ from typing import Any
 
 from bench import loaddata
 from bench.api import pick_client, run_api, run_batch
-from bench.config import Config, ConfigError
+from bench.config import PHASES, Config, ConfigError
 from bench.growth import run_growth
 from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
@@ -83,6 +84,10 @@ async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:
 
 async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
+    # SIGTERM ends the run like Ctrl-C does: cancelled, so every clean-up below runs (a private server killed).
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     sandbox = Sandbox(base, f"ms_bench_{secrets.token_hex(4)}")  # its own database, vhost and Redis prefix
     pool = None
     r["run"] = sandbox.name
@@ -90,11 +95,14 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     services: dict[str, Proc] = {}
     started = time.monotonic()
     r["loadavg_start"] = os.getloadavg()[0]
+    # The shared servers are left alone when only the growth phase runs, on a private server.
+    shared = any(cfg.runs(phase) for phase in PHASES) or (cfg.runs("growth") and cfg.growth_server == "shared")
     try:
-        await asyncio.to_thread(sandbox.create)
-        pool = await create_pool(sandbox.settings, maxsize=4)
-        await migrate(pool)
-        r["versions"] = await server_versions(pool, sandbox)
+        if shared:
+            await asyncio.to_thread(sandbox.create)
+            pool = await create_pool(sandbox.settings, maxsize=4)
+            await migrate(pool)
+            r["versions"] = await server_versions(pool, sandbox)
         say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
         if cfg.runs("limit"):
             try:
@@ -149,7 +157,7 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["errors"]["api"] = _error(exc)
         if cfg.runs("growth"):
             try:
-                r["growth"] = await run_growth(pool, list(cfg.growth), say)
+                r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
             except Exception as exc:
                 r["errors"]["growth"] = _error(exc)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
@@ -159,7 +167,7 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
         if pool is not None:
             pool.close()
             await pool.wait_closed()
-        problems = await asyncio.to_thread(sandbox.remove)
+        problems = await asyncio.to_thread(sandbox.remove) if shared else []
         if problems:
             r["errors"]["cleanup"] = "; ".join(problems)
         r["seconds"] = time.monotonic() - started
@@ -190,7 +198,11 @@ def main() -> int:
     except (ConfigError, SettingsError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    r = asyncio.run(run(cfg, base))
+    try:
+        r = asyncio.run(run(cfg, base))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM: cleaned up, nothing to report
+        print("bench: interrupted; everything it started is stopped and removed", file=sys.stderr)
+        return 130
     s = summary(r)
     m = machine()
     versions = r.get("versions", {})

@@ -118,6 +118,34 @@ async def append_pending(pool: aiomysql.Pool, count: int) -> None:
             await cur.execute("SET @message_sender_counted = NULL")
 
 
+async def append_sent(pool: aiomysql.Pool, count: int) -> None:
+    """``count`` more sent rows (``count`` <= CHUNK), sent after every other row (two days ago: past a retention
+    of one day) and numbered after them (``sent_seq`` follows ``sent_at``), counted in the same transaction."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SET @message_sender_counted = 1")
+        await cur.execute("START TRANSACTION")
+        try:
+            await cur.execute("SELECT value FROM counters WHERE name = 'sent' FOR UPDATE")
+            (last,) = await cur.fetchone()
+            await cur.execute(
+                "INSERT INTO messages (sent_seq, recipient, content, status, attempts, remote_message_id,"
+                " created_at, updated_at, queued_at, sent_at)"
+                " SELECT %s + s.n + 1, CONCAT('+90557', LPAD(%s + s.n, 9, '0')), CONCAT('bench message ', %s + s.n),"
+                " 'sent', 1, UUID(), b.t + INTERVAL s.n MICROSECOND, b.t + INTERVAL s.n MICROSECOND,"
+                " b.t + INTERVAL s.n MICROSECOND, b.t + INTERVAL s.n MICROSECOND"
+                f" FROM (SELECT UTC_TIMESTAMP(6) - INTERVAL 2 DAY AS t) AS b, {sequence(count)} ORDER BY s.n",
+                (last, last, last),
+            )
+            await cur.execute("UPDATE counters SET value = value + %s WHERE name = 'sent'", (count,))
+            await cur.execute("UPDATE message_counts SET n = n + %s WHERE status = 'sent' AND shard = 0", (count,))
+            await cur.execute("COMMIT")
+        except BaseException:
+            await cur.execute("ROLLBACK")
+            raise
+        finally:
+            await cur.execute("SET @message_sender_counted = NULL")
+
+
 async def counts(pool: aiomysql.Pool) -> dict[str, int]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
