@@ -7,8 +7,8 @@ the store's own queries (no HTTP, no cache: the gateway's 2 s cache of ``/stats`
 
 On a private MariaDB (``BENCH_GROWTH_SERVER=private``, the default) every size has its own database on a server
 of its own, configured for the largest size (:data:`bench.config.GROWTH_MARIADB`), so the sizes are measured
-interleaved: round after round, each size runs each operation a block of times, in alternating order. A spell
-of other work on the machine then falls on every size alike instead of on whichever was measured at that moment.
+interleaved: each operation runs at every size in turn, sample by sample, so a spell of other work on the machine
+falls on every size alike instead of on whichever was measured at that moment.
 On the shared server (``shared``) the sizes are loaded and measured one after the other in the run's database.
 
 Before measuring, on the private server, the load's aftermath is let settle (its dirty pages written, its undo
@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -103,9 +103,9 @@ async def run_growth(cfg: Config, pool: aiomysql.Pool | None, settings: Settings
         for rows in cfg.growth:
             size = await load(pool, rows, cfg.growth_pending, say)
             out["sizes"].update(sizes_of([size]))
-            ops, pages = await measure(cfg, [size], say)
+            ops, pool_reads = await measure(cfg, [size], say)
             out["ops"].update(ops)
-            out["buffer_pool"].update(pages)
+            out["buffer_pool"][str(rows)] = pool_reads
         return out
     async with private_server(cfg, settings, say) as server, pools(server, settings, cfg.growth) as by_rows:
         out["mysql"] = await variables(by_rows[0])
@@ -113,7 +113,8 @@ async def run_growth(cfg: Config, pool: aiomysql.Pool | None, settings: Settings
         sizes = [await load(p, rows, cfg.growth_pending, say) for rows, p in zip(cfg.growth, by_rows, strict=True)]
         out["sizes"] = sizes_of(sizes)
         await settle(by_rows[0], say)
-        out["ops"], out["buffer_pool"] = await measure(cfg, sizes, say)
+        out["ops"], pool_reads = await measure(cfg, sizes, say)
+        out["buffer_pool"] = {str(rows): pool_reads for rows in cfg.growth}  # measured together
     return out
 
 
@@ -230,23 +231,21 @@ async def _timed(work: Callable[[], Awaitable[object]], times: int) -> list[floa
     return took
 
 
-def _alternating(sizes: list[Size], rounds: int) -> Iterator[tuple[int, list[Size]]]:
-    for r in range(rounds):
-        yield r, sizes if r % 2 == 0 else sizes[::-1]
-
-
 Measured = dict[str, dict[str, dict[str, Any]]]
+COUNTERS = ("Innodb_buffer_pool_read_requests", "Innodb_buffer_pool_reads")
+HANDLER = ("key", "next", "prev", "first", "last", "rnd", "rnd_next")  # Handler_read_*: rows the SQL layer asked for
+ACCOUNTED = 20  # untimed runs of each operation whose work the server's counters are read around
 
 
-async def measure(cfg: Config, sizes: list[Size], say: Say) -> tuple[Measured, dict[str, dict[str, int]]]:
-    """Every operation at every size: warm-up, then the read operations in rounds, then the retention batches
-    one size after the other batch by batch; the server's buffer pool reads (from disk) against its page
-    requests during each size's blocks of read operations (server-wide: on the shared server, other clients'
-    too)."""
+async def measure(cfg: Config, sizes: list[Size], say: Say) -> tuple[Measured, dict[str, Any]]:
+    """Every operation at every size: a warm-up, then rounds in which each read operation runs at every size in
+    turn, sample by sample (the order swapped each time), so any spell of other work falls on every size alike;
+    then the retention batches the same way. Also the work of one run of each operation at each size as the
+    server counts it (pages requested, rows read) and its buffer pool's reads from disk during the timed runs:
+    server-wide counters, which on the shared server include its other clients' work."""
     ops = {s.rows: s.operations() for s in sizes}
     samples: dict[tuple[int, str], list[float]] = {(s.rows, op): [] for s in sizes for op in GROWTH_OPERATIONS}
     rounds: dict[tuple[int, str], list[float]] = {key: [] for key in samples}
-    pages = {s.rows: [0, 0] for s in sizes}  # page requests, reads from disk
     pool = sizes[0].pool
     say(f"growth: warming up ({cfg.growth_warmup} runs of each operation per size)")
     for s in sizes:
@@ -256,29 +255,53 @@ async def measure(cfg: Config, sizes: list[Size], say: Say) -> tuple[Measured, d
             await s.retention_batch()
     per_round = math.ceil(cfg.growth_samples / cfg.growth_rounds)
     say(f"growth: measuring {cfg.growth_rounds} rounds of {per_round} runs of each operation per size")
-    for _, order in _alternating(sizes, cfg.growth_rounds):
-        for s in order:
-            before = await status(pool, "Innodb_buffer_pool_read_requests", "Innodb_buffer_pool_reads")
-            for op in READ_OPERATIONS:
-                took = await _timed(ops[s.rows][op], per_round)
-                samples[s.rows, op] += took
-                rounds[s.rows, op].append(percentile(sorted(took), 99) or 0.0)
-            after = await status(pool, "Innodb_buffer_pool_read_requests", "Innodb_buffer_pool_reads")
-            pages[s.rows][0] += after["Innodb_buffer_pool_read_requests"] - before["Innodb_buffer_pool_read_requests"]
-            pages[s.rows][1] += after["Innodb_buffer_pool_reads"] - before["Innodb_buffer_pool_reads"]
+    before = await status(pool, *COUNTERS)
+    for r in range(cfg.growth_rounds):
+        for op in READ_OPERATIONS:
+            took: dict[int, list[float]] = {s.rows: [] for s in sizes}
+            for i in range(per_round):
+                for s in sizes if (r + i) % 2 == 0 else sizes[::-1]:
+                    took[s.rows] += await _timed(ops[s.rows][op], 1)
+            for s in sizes:
+                samples[s.rows, op] += took[s.rows]
+                rounds[s.rows, op].append(percentile(sorted(took[s.rows]), 99) or 0.0)
+    after = await status(pool, *COUNTERS)
+    pool_reads = {
+        "page_requests": after[COUNTERS[0]] - before[COUNTERS[0]],
+        "disk_reads": after[COUNTERS[1]] - before[COUNTERS[1]],
+    }
+    work = {(s.rows, op): await work_of(pool, ops[s.rows][op]) for s in sizes for op in READ_OPERATIONS}
     say(f"growth: {cfg.growth_retention} retention batches of {RETENTION_BATCH:,} per size")
     per_round = math.ceil(cfg.growth_retention / cfg.growth_rounds)
-    for _, order in _alternating(sizes, cfg.growth_rounds):
-        took_round: dict[int, list[float]] = {s.rows: [] for s in sizes}
-        for _ in range(per_round):
-            for s in order:
-                took_round[s.rows].append(await s.retention_batch())
+    for r in range(cfg.growth_rounds):
+        took = {s.rows: [] for s in sizes}
+        for i in range(per_round):
+            for s in sizes if (r + i) % 2 == 0 else sizes[::-1]:
+                took[s.rows].append(await s.retention_batch())
         for s in sizes:
-            samples[s.rows, "retention batch"] += took_round[s.rows]
-            rounds[s.rows, "retention batch"].append(percentile(sorted(took_round[s.rows]), 99) or 0.0)
+            samples[s.rows, "retention batch"] += took[s.rows]
+            rounds[s.rows, "retention batch"].append(percentile(sorted(took[s.rows]), 99) or 0.0)
     out = {str(s.rows): {op: summarize(samples[s.rows, op], rounds[s.rows, op]) for op in GROWTH_OPERATIONS}
            for s in sizes}  # fmt: skip
-    return out, {str(rows): {"page_requests": req, "disk_reads": reads} for rows, (req, reads) in pages.items()}
+    for s in sizes:
+        for op in READ_OPERATIONS:
+            out[str(s.rows)][op].update(work[s.rows, op])
+    return out, pool_reads
+
+
+async def work_of(pool: aiomysql.Pool, work: Callable[[], Awaitable[object]]) -> dict[str, float]:
+    """Pages requested from the buffer pool, pages read from disk and the handler's row reads by one run of
+    ``work``, as the server counts them (the mean of :data:`ACCOUNTED` runs)."""
+    names = (*COUNTERS, *(f"Handler_read_{h}" for h in HANDLER))
+    before = await status(pool, *names)
+    await _timed(work, ACCOUNTED)
+    after = await status(pool, *names)
+    per = {name: (after.get(name, 0) - before.get(name, 0)) / ACCOUNTED for name in names}
+    return {
+        "pages": per[COUNTERS[0]],
+        "disk_reads": per[COUNTERS[1]],
+        "handler_reads": {h: per[f"Handler_read_{h}"] for h in HANDLER},
+    }
 
 
 def summarize(took: list[float], round_p99: list[float]) -> dict[str, Any]:

@@ -246,29 +246,55 @@ def growth_lines(growth: dict[str, Any]) -> list[str]:
         + (" sizes interleaved" if growth["server"] == "private" else " one size after the other")
     )
     lines = [server]
+    reads = growth.get("buffer_pool") or {}
+    together = growth["server"] == "private"  # the sizes were read in turn: one count for all of them
     for n in sizes:
-        size, pool = (growth.get("sizes") or {}).get(n, {}), (growth.get("buffer_pool") or {}).get(n, {})
-        requests, reads = pool.get("page_requests", 0), pool.get("disk_reads", 0)
-        lines.append(
+        size = (growth.get("sizes") or {}).get(n, {})
+        line = (
             f"  {_rows_label(n)} rows: loaded in {size.get('load_s', 0):.0f} s, {size.get('data_mb', 0):,.0f} MB of"
-            f" rows + {size.get('index_mb', 0):,.0f} MB of indexes; buffer pool during its reads: {reads:,} pages read"
-            f" from disk of {requests:,} requested ({100 * (1 - reads / requests) if requests else 0:.3f}% hits)"
+            f" rows + {size.get('index_mb', 0):,.0f} MB of indexes"
         )
-    header = ("operation", "rows", "n", "p50", "p90", "p99", "max", "p99 of each round, min-max")
+        if not together and n in reads:
+            line += "; " + _pool_reads(reads[n], "its timed reads (server-wide)")
+        lines.append(line)
+    if together and reads:
+        lines.append("  " + _pool_reads(next(iter(reads.values())), "the timed reads of every size"))
+    header = (
+        "operation",
+        "rows",
+        "n",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "p99 of each round",
+        "pages/run",
+        "handler reads/run",
+    )
     table = [header]
     for op in GROWTH_OPERATIONS:
         for n in sizes:
             o = ops[n][op]
             spread = o.get("round_p99_ms") or [0.0]
+            work = (f"{o['pages']:,.0f}", f"{sum(o['handler_reads'].values()):,.0f}") if "pages" in o else ("", "")
             table.append((op if n == sizes[0] else "", _rows_label(n), f"{o['n']:,}",
                           *(f"{o[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
-                          f"{min(spread):.2f}-{max(spread):.2f} ({len(spread)} rounds)"))  # fmt: skip
+                          f"{min(spread):.2f}-{max(spread):.2f} ({len(spread)})", *work))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        cells = (c.rjust(w) if 1 < i < 7 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        cells = (c.ljust(w) if i in (0, 1, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         lines.append("  " + "  ".join(cells).rstrip())
-    lines[len(sizes) + 1] += "   (ms)"
+    lines.append(
+        "  (ms; p99 of each round: the lowest and highest of the rounds' p99s; pages requested from the buffer pool"
+        " and Handler_read_* rows: the server's counters over 20 more runs, per run)"
+    )
     return lines
+
+
+def _pool_reads(reads: dict[str, int], during: str) -> str:
+    requests, disk = reads.get("page_requests", 0), reads.get("disk_reads", 0)
+    hits = 100 * (1 - disk / requests) if requests else 0.0
+    return f"buffer pool during {during}: {disk:,} pages read from disk of {requests:,} requested ({hits:.3f}% hits)"
 
 
 def steady_rows(st: dict[str, Any]) -> list[Row]:
