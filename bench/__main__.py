@@ -110,27 +110,27 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
                 say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
             except Exception as exc:
-                r["errors"]["limit"] = _error(exc)
+                r["errors"]["limit"] = _error(exc, this)
         env = service_env(sandbox)
         base_url = None
         if cfg.runs("api"):
             try:
                 services["gateway"], base_url = await start_gateway(procs, env)
             except Exception as exc:
-                r["errors"]["api"] = f"gateway did not start: {_error(exc)}"
+                r["errors"]["api"] = f"gateway did not start: {_error(exc, this)}"
         if cfg.runs("pipeline"):
             try:
                 r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
                 r["rss_idle"].update(pipe["rss_idle"])
                 r["rss_load"].update(pipe["rss_load"])
             except Exception as exc:
-                r["errors"]["pipeline"] = _error(exc)
+                r["errors"]["pipeline"] = _error(exc, this)
             if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
                 try:
                     r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
                     say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
                 except Exception as exc:
-                    r["errors"]["limit"] = _error(exc)
+                    r["errors"]["limit"] = _error(exc, this)
         if cfg.runs("steady"):
             try:
                 say(f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s ...")
@@ -138,7 +138,7 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 say(f"steady state: due -> sent p99 {r['steady']['due_p99_ms']} ms; step search ...")
                 r["steady"].update(await run_step_search(cfg, pool, procs, env))
             except Exception as exc:
-                r["errors"]["steady"] = _error(exc)
+                r["errors"]["steady"] = _error(exc, this)
         if cfg.runs("api") and base_url is not None:
             try:
                 gateway = services["gateway"]
@@ -154,14 +154,14 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["api"]["batch"] = await run_batch(base_url, pool)
                 r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
             except Exception as exc:
-                r["errors"]["api"] = _error(exc)
+                r["errors"]["api"] = _error(exc, this)
         if cfg.runs("growth"):
             try:
                 r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
             except Exception as exc:
-                r["errors"]["growth"] = _error(exc)
+                r["errors"]["growth"] = _error(exc, this)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
-        r["errors"]["setup"] = _error(exc)
+        r["errors"]["setup"] = _error(exc, this)
     finally:
         procs.stop_all()
         if pool is not None:
@@ -186,7 +186,12 @@ def _keep(run: str, line: str, keep: int = 10) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _error(exc: BaseException) -> str:
+def _error(exc: BaseException, task: asyncio.Task[Any]) -> str:
+    """``exc`` as one line for the report (its traceback to stderr); an interruption instead when the run is
+    being cancelled (Ctrl-C, SIGTERM) and a clean-up in a library replaced the cancellation with its own error,
+    e.g. a statement on the connection the cancellation closed."""
+    if task.cancelling():
+        raise asyncio.CancelledError from exc
     say("".join(traceback.format_exception(exc)).rstrip())
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 

@@ -13,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pymysql
 import pytest
 
 from bench.config import Config, ConfigError
+from common.db import connect_kwargs
+from common.settings import Settings
 from tests.procs import ARTIFACTS, ROOT
 
 TINY = {
@@ -92,20 +95,46 @@ def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None
     assert "p99 of each round" in table and "pages/run" in table
 
 
+def test_the_growth_phase_still_runs_on_the_shared_server_in_the_runs_own_database(base_settings: Settings) -> None:
+    log = ARTIFACTS / "bench-growth" / "shared.err"
+    bench = start_bench({**TINY, "BENCH_GROWTH_SERVER": "shared", "BENCH_GROWTH_ROWS": "2500"}, log)
+    try:
+        out, _ = bench.communicate(timeout=90)
+    finally:
+        bench.kill()
+    err = log.read_text(errors="replace")
+    assert bench.returncode == 0, err[-3000:]
+    assert "private MariaDB" not in err
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["errors"] == {}
+    growth = result["growth"]
+    assert growth["server"] == "shared" and growth["ops"]["2500"]["claim 2"]["n"] == 20
+    conn = pymysql.connect(**connect_kwargs(base_settings, with_db=False))  # type: ignore[arg-type]
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s", (result["run"],))
+            assert cur.fetchone() == (0,), f"the run's database {result['run']} was left on the shared server"
+            cur.execute("SELECT @@innodb_buffer_pool_size")
+            assert growth["mysql"]["innodb_buffer_pool_size"] == str(cur.fetchone()[0])  # that server's
+    finally:
+        conn.close()
+
+
 def test_ctrl_c_in_the_growth_phase_ends_its_private_server() -> None:
     log = ARTIFACTS / "bench-growth" / "interrupted.err"
-    bench = start_bench({**TINY, "BENCH_GROWTH_SAMPLES": "1000000"}, log)  # far longer than the test waits
+    # While it loads the larger size (where a 10 M-row run spends minutes), with statements in flight.
+    bench = start_bench({**TINY, "BENCH_GROWTH_ROWS": "2500,400000"}, log)
     try:
         pid, directory = private_server(log)
         deadline = time.monotonic() + 60
-        while "measuring" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while "loading 400,000 rows" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.05)
         bench.send_signal(signal.SIGINT)
         bench.communicate(timeout=60)
     finally:
         bench.kill()
     err = log.read_text(errors="replace")
-    assert "growth: measuring" in err, err[-3000:]
+    assert "loading 400,000 rows" in err and "loaded in" not in err.split("loading 400,000 rows")[1], err[-3000:]
     assert bench.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert gone(pid), f"the private MariaDB (pid {pid}) still runs after Ctrl-C"
