@@ -29,6 +29,7 @@ from bench.pipeline import run_pipeline
 from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
 from bench.report import summary, table
 from bench.steady import run_steady, run_step_search
+from bench.tracingoff import tracing_off_cost
 from common.db import create_pool
 from common.errors import SettingsError
 from common.migrations import migrate
@@ -95,8 +96,16 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     services: dict[str, Proc] = {}
     started = time.monotonic()
     r["loadavg_start"] = os.getloadavg()[0]
-    # The shared servers are left alone when only the growth phase runs, on a private server.
-    shared = any(cfg.runs(phase) for phase in PHASES) or (cfg.runs("growth") and cfg.growth_server == "shared")
+    if cfg.runs("tracing"):  # in this process, before anything else runs on the machine
+        try:
+            r["tracing"] = tracing_off_cost()
+            say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
+        except Exception as exc:
+            r["errors"]["tracing"] = _error(exc, this)
+    # The shared servers are left alone when only the growth phase runs, on a private server (and the tracing
+    # phase, which runs in this process).
+    servers = [p for p in PHASES if p != "tracing"]
+    shared = any(cfg.runs(p) for p in servers) or (cfg.runs("growth") and cfg.growth_server == "shared")
     try:
         if shared:
             await asyncio.to_thread(sandbox.create)

@@ -15,7 +15,7 @@ BENCH_HTTP_N        20000      POSTs of the raw HTTP-limit phase (concurrency ``
 BENCH_CLIENTS       10         concurrent clients of the API phase (deep offset: always 1)
 BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 2)
 BENCH_CLIENT        auto       API load client: ``wrk`` (when installed), ``python``, or ``auto``
-BENCH_SKIP          (none)     comma-separated phases to skip: ``limit``, ``pipeline``, ``api``
+BENCH_SKIP          (none)     comma-separated phases to skip: ``tracing``, ``limit``, ``pipeline``, ``steady``, ``api``
 BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady``: 30 s after a 5 s warm-up)
 BENCH_STEADY_SECONDS 30        its measured window; then a step search (+500 msg/s, ``BENCH_STEPS`` steps of 8 s)
 BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
@@ -28,6 +28,7 @@ BENCH_GROWTH_PENDING 200000    pending rows among each size (the claim takes 2 o
 BENCH_GROWTH_SAMPLES 2000      timed runs of each read operation per size, in ``BENCH_GROWTH_ROUNDS`` (10) rounds
 BENCH_GROWTH_RETENTION 400     timed retention batches (1,000 rows) per size, the removed rows put back at the tail
 BENCH_GROWTH_WARMUP 100        untimed runs of each read operation per size first (retention: a tenth of it)
+BENCH_PROFILE       0          1: py-spy samples each consumer and the producer during the drain (bench/profile.py)
 ==================  =========  ===============================================================
 """
 
@@ -38,7 +39,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-PHASES = ("limit", "pipeline", "steady", "api")
+PHASES = ("tracing", "limit", "pipeline", "steady", "api")
 
 # Spec section 8 (and the steady-state bars of the performance issue).
 BAR_STEADY_CLAIM_P99_MS = 100.0
@@ -46,6 +47,8 @@ BAR_CREATE_RPS = 2000.0
 BAR_STEADY_DUE_P99_MS = 50.0 + 150.0  # the interval of the phase (0.05 s) + 150 ms
 BAR_THROUGHPUT = 2000.0
 BAR_RATIO = 0.25
+# The tracing hooks with tracing off, as a share of a drained message's CPU: within the drain's noise.
+BAR_TRACING_OFF_SHARE = 0.01
 BAR_LIST_RPS = 2000.0
 BAR_LIST_P99_MS = 15.0
 BAR_OFFSET_P99_MS = 100.0
@@ -128,6 +131,7 @@ class Config:
     warmup_steady: float = 5.0
     step_seconds: float = 8.0
     steps: int = 3
+    profile: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -173,6 +177,7 @@ class Config:
             rate=_float(env, "BENCH_RATE", "1000", 1),
             steady_seconds=_float(env, "BENCH_STEADY_SECONDS", "30", 1),
             steps=_int(env, "BENCH_STEPS", "3", 0),
+            profile=_get(env, "BENCH_PROFILE", "0") in ("1", "true", "yes"),
         )
 
     def runs(self, phase: str) -> bool:

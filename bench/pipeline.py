@@ -21,6 +21,7 @@ import aiomysql
 from bench import loaddata
 from bench.config import Config
 from bench.procs import Proc, Procs, cpu_seconds, free_port, machine_jiffies, server_pids, wait_healthy
+from bench.profile import Profiler
 from bench.report import percentile
 from common.store import MessageStore
 
@@ -79,6 +80,10 @@ async def run_pipeline(
     watched = {name: p.pid for name, p in services.items() if name != "gateway"} | {"standin": standin.pid}
     for server, pids in server_pids().items():
         watched.update({f"{server}" + (f"-{i}" if i else ""): pid for i, pid in enumerate(pids)})
+    profiler = None
+    if cfg.profile:
+        profiler = Profiler(procs.log_dir / "profile", {n: p.pid for n, p in services.items() if n != "gateway"})
+        _say(profiler.start() or f"profiling {', '.join(profiler.pids)} with py-spy (the drain is slower for it)")
     cpu_before, jiffies_before = _cpu(watched), machine_jiffies()
     _say(f"draining with {cfg.consumers} consumer(s), batch {cfg.batch} every {cfg.interval}s ...")
     await store.set_sending(True)
@@ -95,6 +100,9 @@ async def run_pipeline(
     rss_load = {name: p.rss_mb() for name, p in services.items()}
     rss_load["standin"] = standin.rss_mb()
     await store.set_sending(False)
+    profile = await asyncio.to_thread(profiler.stop) if profiler is not None else {}
+    if profile:
+        _say(f"profiles in {profiler.out_dir if profiler else ''}")
 
     stats = await _json(webhook + "/_control/stats")
     window = await loaddata.drain_window(pool)
@@ -135,6 +143,7 @@ async def run_pipeline(
         "rss_idle": rss_idle,
         "rss_load": rss_load,
         "void": void,
+        "profile": profile,
     }
 
 

@@ -18,6 +18,7 @@ from bench.config import (
     BAR_STEADY_CLAIM_P99_MS,
     BAR_STEADY_DUE_P99_MS,
     BAR_THROUGHPUT,
+    BAR_TRACING_OFF_SHARE,
 )
 
 Row = tuple[str, str, str, str, str]
@@ -60,6 +61,8 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         "http_limit_before": _round(before),
         "http_limit_after": _round(after),
         "ratio": _round(thr / rate if thr is not None and rate else None, 3),
+        "tracing_off_us_per_message": (r.get("tracing") or {}).get("us_per_message"),
+        "cpu_us_per_message": _round(cpu_us_per_message(pipe), 1),
         "messages": pipe.get("messages"),
         "sent": pipe.get("sent"),
         "failed": pipe.get("failed"),
@@ -99,6 +102,14 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cpu_us_per_message(pipe: dict[str, Any]) -> float | None:
+    """CPU per message of the drain: the machine's CPU % of one core, less what other processes used (the
+    services, the stand-in and the servers remain), over the throughput."""
+    cpu, thr = pipe.get("cpu_percent") or {}, pipe.get("throughput_msgs_per_s")
+    used = (cpu.get("machine") or 0.0) - (cpu.get("other processes") or 0.0)
+    return used / 100 / thr * 1e6 if used > 0 and thr else None
+
+
 def _round(value: float | None, digits: int = 0) -> float | int | None:
     if value is None:
         return None
@@ -116,6 +127,12 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
     rows: list[Row] = [("phase", "metric", "value", "bar", "verdict")]
     pipe, api, limit = r.get("pipeline"), r.get("api"), r.get("limit")
     void = bool(s["void"])
+    if r.get("tracing"):
+        cost, cpu = r["tracing"]["us_per_message"], s["cpu_us_per_message"]
+        shown = f"{cost:.2f} µs" + (f" = {cost / cpu:.2%} of the drain's {_n(cpu)} µs CPU per message" if cpu else "")
+        ok = cost / cpu < BAR_TRACING_OFF_SHARE if cpu else None
+        rows.append(("tracing", "hooks per message, tracing off (in-process)", shown,
+                     f"< {BAR_TRACING_OFF_SHARE:.0%} of CPU/msg", _verdict(ok)))  # fmt: skip
     if limit:
         after = (r.get("limit_after") or {}).get("rate")
         shown = f"{_n(limit['rate'])}/s" + (f" before, {_n(after)}/s after the drain" if after else "")
@@ -198,6 +215,14 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
         whole = cpu.pop("machine", None)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
         lines.append(f"CPU during the drain, % of one core (machine total {_n(whole)}): {parts}")
+        thr = pipe.get("throughput_msgs_per_s")
+        if whole and thr:  # CPU time per message: steadier than the rate when the machine's speed moves
+            per = {k: 1e4 * v / thr for k, v in cpu.items()}
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+            lines.append(f"CPU per message, µs (machine {1e4 * whole / thr:.0f}): {parts}")
+    for name, top in sorted((pipe or {}).get("profile", {}).items()):
+        shown = [f"{own:.1f}% {func}" for func, _, own in sorted(top, key=lambda t: -t[2])[:6]]
+        lines.append(f"profile {name}, most self time: " + "; ".join(shown))
     for key in ("first", "deep_cursor", "deep_offset"):
         cpu = ((api or {}).get(key) or {}).get("cpu_percent")
         if cpu:

@@ -2,12 +2,15 @@
 
 While a flush is in flight, newly submitted items wait and go together into the next one, so under
 load a flush carries as many items as arrived during the previous one (no timer, no added latency
-when idle). A failed flush fails every caller of that flush with the same exception.
+when idle). A failed flush fails every caller of that flush with the same exception. A flush runs in the
+context (``contextvars``) of the first caller it carries: the spans it starts (tracing on) are in that
+caller's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -22,7 +25,7 @@ class Batcher(Generic[T, R]):
         self._flush = flush
         self._max_size = max_size
         self._slots = max_concurrent
-        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._waiting: list[tuple[T, asyncio.Future[R], contextvars.Context]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = False
 
@@ -33,7 +36,7 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, future, contextvars.copy_context()))
         self._maybe_start()
         return await future
 
@@ -41,7 +44,7 @@ class Batcher(Generic[T, R]):
         if self._waiting and self._slots > 0 and not self._starting:
             self._slots -= 1
             self._starting = True
-            task = asyncio.get_running_loop().create_task(self._run())
+            task = asyncio.get_running_loop().create_task(self._run(), context=self._waiting[0][2])
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -52,17 +55,17 @@ class Batcher(Generic[T, R]):
         batch, self._waiting = self._waiting[: self._max_size], self._waiting[self._max_size :]
         self._maybe_start()
         try:
-            results = await self._flush([item for item, _ in batch])
+            results = await self._flush([item for item, _, _ in batch])
             if len(results) != len(batch):  # every caller gets an answer, never a future left waiting
                 raise RuntimeError(f"a flush of {len(batch)} items returned {len(results)} results")
         except BaseException as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         else:
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
         finally:

@@ -38,27 +38,38 @@ async def read_breaker(client: redis.Redis, prefix: str) -> dict[str, str | None
     }
 
 
+# Every entry of a group commit in one command: HSET (and EXPIRE when there is a TTL) per key, run by Redis. A
+# pipeline of the same commands costs the consumer 3-4 times the CPU (a command object, its packing and its
+# reply per key, measured at 20 and 50 entries a call); Redis does the same work either way.
+PUT_MANY = """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+    redis.call('HSET', key, 'message_id', ARGV[2 * i], 'sent_at', ARGV[2 * i + 1])
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+return #KEYS
+"""
+
+
 class MessageCache:
     def __init__(self, client: redis.Redis, ttl_seconds: int = 0, prefix: str = "") -> None:
         self.client = client
         self.ttl = ttl_seconds
         self.prefix = prefix
+        self._put_many = client.register_script(PUT_MANY)  # EVALSHA, loaded again if Redis lost its scripts
 
     def key(self, remote_message_id: str) -> str:
         return f"{self.prefix}message:{remote_message_id}"
 
     async def put_many(self, entries: Sequence[tuple[str, int, dt.datetime]]) -> None:
-        """Store ``(remote_message_id, local id, sent_at)`` entries in one round trip (a pipeline).
-        ``sent_at`` is naive UTC; it is written as ISO 8601 with a ``Z``."""
+        """Store ``(remote_message_id, local id, sent_at)`` entries in one round trip (one script call,
+        :data:`PUT_MANY`). ``sent_at`` is naive UTC; it is written as ISO 8601 with a ``Z``."""
         if not entries:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for remote_id, message_id, sent_at in entries:
-                key = self.key(remote_id)
-                pipe.hset(key, mapping={"message_id": message_id, "sent_at": iso_utc(sent_at)})
-                if self.ttl:
-                    pipe.expire(key, self.ttl)
-            await pipe.execute()
+        args: list[str | int] = [self.ttl]
+        for _, message_id, sent_at in entries:
+            args += [message_id, iso_utc(sent_at)]
+        await self._put_many(keys=[self.key(remote_id) for remote_id, _, _ in entries], args=args)
 
     async def get(self, remote_message_id: str) -> dict[str, str] | None:
         raw = await self.client.hgetall(self.key(remote_message_id))

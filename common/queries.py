@@ -22,6 +22,12 @@ DETAIL_COLUMNS = (
 ATTEMPT_COLUMNS = "attempt, started_at, finished_at, outcome, http_status, error, duration_ms, provider"
 
 Row = dict[str, Any]
+
+# Queued and sending rows (a message in flight: at most a batch and what the consumers hold) share one key of
+# ix_messages_listed (migration 11), so the compare-and-set between them moves no index entry; a list of either
+# reads that short range and checks the status on the row.
+IN_FLIGHT_STATUSES = ("queued", "sending")
+IN_FLIGHT = "list_status = 'in_flight'"
 _EPOCH = dt.datetime(1970, 1, 1)
 _ISO = "'%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ'"
 _SENT_JSON = (
@@ -76,14 +82,17 @@ def filtered_sql(
     args: list[Any] = []
     part_args: list[Any]
     for status in statuses:
-        where, part_args = "status = %s", [status]
         if recipient is not None:
-            where, part_args = "recipient = %s AND status = %s", [recipient, status]
+            index, where = "ix_messages_recipient_created", "recipient = %s AND status = %s"
+            part_args = [recipient, status]
+        elif status in IN_FLIGHT_STATUSES:  # one key for both: the status is checked on the row
+            index, where, part_args = "ix_messages_listed", f"{IN_FLIGHT} AND status = %s", [status]
+        else:
+            index, where, part_args = "ix_messages_listed", "list_status = %s", [status]
         if after is not None:
             at = _EPOCH + dt.timedelta(microseconds=after[0])
             where += " AND created_at <= %s AND (created_at < %s OR id < %s)"
             part_args += [at, at, after[1]]
-        index = "ix_messages_recipient_created" if recipient is not None else "ix_messages_claim"
         parts.append(
             f"(SELECT id, created_at AS c FROM messages FORCE INDEX ({index}) WHERE {where}"
             " ORDER BY created_at DESC, id DESC LIMIT %s)"
@@ -139,10 +148,10 @@ class MessageQueries:
             at = _EPOCH + dt.timedelta(microseconds=after[0])
             # The index hint and the redundant bound make it a range scan starting at the cursor; without them
             # MariaDB 10.11 walks every newer row first (150 ms instead of 0.5 ms 150,000 rows deep).
-            where = "status = 'sent' AND sent_at <= %s AND (sent_at < %s OR id < %s)"
+            where = "sent_key <= %s AND (sent_key < %s OR id < %s)"
             args = [at, at, after[1]]
-            order = "sent_at DESC, id DESC"
-        hint = "FORCE INDEX (ix_messages_sent)" if after else ""
+            order = "sent_key DESC, id DESC"
+        hint = "FORCE INDEX (ix_messages_sent_key)" if after else ""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
                 f"{_SENT_VERSION}; SELECT {_SENT_JSON} FROM messages {hint} WHERE {where} ORDER BY {order} LIMIT %s",
@@ -171,7 +180,8 @@ class MessageQueries:
     ) -> FilteredPage:
         """A page of the messages in ``statuses`` (of ``recipient`` if given), newest first (``created_at``,
         then id), with their total. Each status is one range of an index, read newest first and cut at
-        ``limit``: ``ix_messages_claim`` (status, created_at, id), or with a recipient
+        ``limit``: ``ix_messages_listed`` (list_status, created_at, id; queued and sending share a key and are
+        told apart on the row), or with a recipient
         ``ix_messages_recipient_created`` (recipient, created_at, id), each row's status checked on the row (the
         cost follows that recipient's messages); the few rows of the ranges are merged.
         ``after`` is the ``(created_at micros, id)`` of the previous page's last row."""
@@ -203,10 +213,10 @@ class MessageQueries:
 
     async def scheduled_count(self) -> int:
         """``pending`` messages whose ``send_at`` is still ahead (part of ``pending``): the not-yet-due ranges
-        of ``ix_messages_due``, so the cost follows the scheduled rows, not the table."""
+        of ``ix_messages_claimable``, so the cost follows the scheduled rows, not the table."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT COUNT(*) FROM messages WHERE status = 'pending' AND priority IN ('high', 'normal')"
+                "SELECT COUNT(*) FROM messages WHERE claim_priority IN ('high', 'normal')"
                 " AND send_at > UTC_TIMESTAMP(6)"
             )
             (n,) = await cur.fetchone()
@@ -233,11 +243,10 @@ class MessageQueries:
             return counts
 
     async def sent_since(self, seconds: float) -> int:
-        """How many messages were sent in the last ``seconds`` (a range of ``ix_messages_sent``)."""
+        """How many messages were sent in the last ``seconds`` (a range of ``ix_messages_sent_key``)."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT COUNT(*) FROM messages WHERE status = 'sent'"
-                " AND sent_at >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
+                "SELECT COUNT(*) FROM messages WHERE sent_key >= UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND",
                 (int(seconds * 1_000_000),),
             )
             (n,) = await cur.fetchone()
@@ -248,22 +257,22 @@ class MessageQueries:
         (rows sent without a claim, e.g. inserted as sent, have no ``queued_at`` and are left out)."""
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT TIMESTAMPDIFF(MICROSECOND, queued_at, sent_at) FROM messages WHERE status = 'sent'"
-                " ORDER BY sent_at DESC LIMIT %s",
+                "SELECT TIMESTAMPDIFF(MICROSECOND, queued_at, sent_at) FROM messages WHERE sent_key IS NOT NULL"
+                " ORDER BY sent_key DESC LIMIT %s",
                 (limit,),
             )
             return [max(int(us), 0) / 1_000_000 for (us,) in await cur.fetchall() if us is not None]
 
     async def per_minute(self, since: dt.datetime) -> dict[dt.datetime, tuple[int, int]]:
         """``{minute: (sent, failed)}`` from ``since`` on (UTC); minutes with neither are left out. Sent rows
-        are counted by ``sent_at`` on a range of ``ix_messages_sent`` (index only: ~0.8 ms per 1,000 rows in
+        are counted by ``sent_at`` on a range of ``ix_messages_sent_key`` (index only: ~0.8 ms per 1,000 rows in
         the window on MariaDB 10.11), failed ones by ``failed_at`` on a range of ``ix_messages_failed_at``:
         the cost follows the rows in the window, not the table."""
         minute = "DATE_FORMAT({}, '%%Y-%%m-%%d %%H:%%i')"
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {minute.format('sent_at')} AS m, COUNT(*), 0 FROM messages"
-                " WHERE status = 'sent' AND sent_at >= %s GROUP BY m"
+                f"SELECT {minute.format('sent_key')} AS m, COUNT(*), 0 FROM messages"
+                " WHERE sent_key >= %s GROUP BY m"
                 f" UNION ALL SELECT {minute.format('failed_at')} AS m, 0, COUNT(*) FROM messages"
                 " WHERE failed_at >= %s GROUP BY m",
                 (since, since),
@@ -276,11 +285,11 @@ class MessageQueries:
             return result
 
     async def list_failed(self, limit: int, offset: int = 0) -> list[Row]:
-        """Failed messages, newest first, with their reason; the page is found on ``ix_messages_claim``."""
+        """Failed messages, newest first, with their reason; the page is found on ``ix_messages_listed``."""
         async with self.pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
             await cur.execute(
                 "SELECT m.id, m.recipient, m.content, m.last_error, m.attempts, m.updated_at FROM ("
-                " SELECT id FROM messages WHERE status = 'failed'"
+                " SELECT id FROM messages WHERE list_status = 'failed'"
                 " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s) AS page"
                 " JOIN messages AS m ON m.id = page.id ORDER BY m.created_at DESC, m.id DESC",
                 (limit, offset),

@@ -26,7 +26,7 @@ import pymysql
 
 from common.errors import ConflictError, IdempotencyConflict, LeaseLost, NotFoundError
 from common.models import Delivery, Outcome, Status, is_outcome_unknown, outcome_unknown, utcnow
-from common.queries import MessageQueries, Row, SentPage
+from common.queries import IN_FLIGHT, MessageQueries, Row, SentPage
 
 __all__ = ["Created", "Fence", "Idempotency", "MessageStore", "NewMessage", "Recorded", "Row", "SentPage", "Swept"]
 
@@ -38,12 +38,13 @@ def _in(ids: Sequence[object]) -> str:
     return ", ".join(["%s"] * len(ids))
 
 
-# The claim: two ranges of ix_messages_due (one per priority) read in index order, so neither a sort nor the
-# rows scheduled later are ever touched; the retry's due time is checked on the index entry.
+# The claim: two ranges of ix_messages_claimable (one per priority; only pending rows have a claim_priority) read
+# in index order, so neither a sort nor the rows scheduled later are ever touched; the retry's due time is
+# checked on the index entry.
 CLAIM_SQL = (
-    "SELECT id FROM messages WHERE status = 'pending' AND priority IN ('high', 'normal')"
+    "SELECT id FROM messages WHERE claim_priority IN ('high', 'normal')"
     " AND send_at <= UTC_TIMESTAMP(6) AND (next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))"
-    " ORDER BY priority, send_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
+    " ORDER BY claim_priority, send_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 INSERT_CHUNK = 1000  # rows per multi-row INSERT
 IDEMPOTENCY_HOURS = 24
@@ -71,13 +72,13 @@ def _micros(seconds: float) -> int:
     return int(seconds * 1_000_000)
 
 
-def _values_table(rows: Sequence[Sequence[Any]], names: Sequence[str]) -> tuple[str, list[Any]]:
-    """A derived table ``(SELECT %s AS a, %s AS b UNION ALL SELECT %s, %s ...)`` for set-based updates
-    (portable between MySQL 8 and MariaDB, unlike ``VALUES ROW``)."""
-    first = "SELECT " + ", ".join(f"%s AS {n}" for n in names)
-    rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
-    sql = first + rest * (len(rows) - 1)
-    return sql, [v for row in rows for v in row]
+def _case(key: str, values: Mapping[Any, Any]) -> tuple[str, list[Any]]:
+    """``CASE key WHEN %s THEN %s ... END``: a value per row in one single-table ``UPDATE`` of a group of rows
+    (``WHERE key IN (...)``). A derived table of ``SELECT ... UNION ALL`` joined to the table did the same at
+    about half again the server's CPU per row (each SELECT of the union is a query block of its own); ``VALUES
+    ROW`` is not portable between MySQL 8 and MariaDB."""
+    sql = f"CASE {key} " + " ".join(["WHEN %s THEN %s"] * len(values)) + " END"
+    return sql, [v for pair in values.items() for v in pair]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +89,36 @@ class NewMessage:
     content: str
     send_at: dt.datetime | None = None
     priority: str = "normal"
+    traceparent: str | None = None  # the W3C context of the request that made it (tracing on)
 
     def due(self, now: dt.datetime) -> dt.datetime:
         """Its ``send_at`` as stored: a past one (or none) means now."""
         return now if self.send_at is None or self.send_at < now else self.send_at
 
 
-def _later(message: NewMessage, now: dt.datetime) -> dt.datetime | None:
-    """Its ``send_at`` if that is after ``now``; None for "now" (the statement fills in the shared time)."""
-    due = message.due(now)
-    return due if due != now else None
+def _tp(traceparent: str | None) -> str | None:
+    """A W3C traceparent as the column holds it (55 characters)."""
+    return traceparent[:55] if traceparent else None
+
+
+# A row of a create's multi-row INSERT (recipient, content, send_at, priority, created_at, updated_at,
+# traceparent): the time the rows share is the server's, set once per statement (@message_sender_now; a user
+# variable holds it as text, hence the casts where it is compared); a given send_at is kept if it is later.
+_ROW_NOW = "(%s, %s, @message_sender_now, %s, @message_sender_now, @message_sender_now, %s)"
+_ROW_LATER = (
+    "(%s, %s, GREATEST(CAST(%s AS DATETIME(6)), CAST(@message_sender_now AS DATETIME(6))), %s,"
+    " @message_sender_now, @message_sender_now, %s)"
+)
+
+
+def _row_values(chunk: Sequence[NewMessage], traceparent: str | None) -> list[Any]:
+    values: list[Any] = []
+    for m in chunk:
+        values += [m.recipient, m.content]
+        if m.send_at is not None:
+            values.append(m.send_at)
+        values += [m.priority, _tp(m.traceparent or traceparent)]
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +211,8 @@ async def count_rows(cur: aiomysql.Cursor) -> dict[str, int]:
     await cur.execute("SELECT status, COUNT(*) FROM messages GROUP BY status")
     counts = dict.fromkeys(STATUSES, 0) | {str(st): int(n) for st, n in await cur.fetchall()}
     await cur.execute("UPDATE message_counts SET n = 0")
-    table, values = _values_table(list(counts.items()), ("st", "n"))
-    await cur.execute(
-        f"UPDATE message_counts AS c JOIN ({table}) AS v ON v.st = c.status SET c.n = v.n WHERE c.shard = 0",
-        values,
-    )
+    totals, values = _case("status", counts)
+    await cur.execute(f"UPDATE message_counts SET n = {totals} WHERE shard = 0", values)
     await cur.execute(
         "UPDATE counters SET value = GREATEST(value, (SELECT COALESCE(MAX(sent_seq), 0) FROM messages))"
         " WHERE name = 'sent'"
@@ -220,7 +238,7 @@ DEADLOCK_ATTEMPTS = 4
 
 async def _again_on_deadlock(run: Callable[[], Awaitable[T]]) -> T:
     """Run a short transaction, and again (a few times, after a few milliseconds) when InnoDB chose it as a
-    deadlock's victim. The claim locks an index entry of ``ix_messages_due`` and then the row, while a
+    deadlock's victim. The claim locks an index entry of ``ix_messages_claimable`` and then the row, while a
     transition by primary key (a cancel) holds the row and then changes that index entry: each waits for the
     other, and InnoDB rolls one back whole, so running it again is safe and is what the server asks for."""
     for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
@@ -262,7 +280,7 @@ class MessageStore(MessageQueries):
             else:
                 await cur.execute(
                     "INSERT INTO messages (recipient, content, traceparent) VALUES (%s, %s, %s)",
-                    (recipient, content, traceparent[:55]),
+                    (recipient, content, _tp(traceparent)),
                 )
             return int(cur.lastrowid)
 
@@ -271,6 +289,12 @@ class MessageStore(MessageQueries):
     ) -> Created:
         """Insert ``items`` as ``pending`` messages in one transaction, in multi-row statements of up to
         :data:`INSERT_CHUNK` rows; returns their ids in order. A ``send_at`` in the past (or none) means now.
+        ``traceparent`` (tracing on) is stored with every item that does not carry its own.
+
+        Without ``idempotency`` it takes two round trips whatever the number of rows up to
+        :data:`INSERT_CHUNK` (the rows and the check of their ids, then the counts and the commit): the
+        gateway's group commit of single creates (:mod:`gateway.intake`) and ``POST /messages/batch`` both
+        come through here.
 
         With ``idempotency``, the key's row is inserted first in the same transaction: a concurrent request
         with the same key waits on its primary key until this one commits, then finds it. A key seen within
@@ -279,63 +303,26 @@ class MessageStore(MessageQueries):
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             for _ in range(3):
                 counted = False
-                await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                await conn.begin()
                 try:
+                    begin = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; "
                     if idempotency is not None:
+                        await cur.execute(begin.removesuffix("; "))
+                        await _drain(cur)
+                        begin = ""
                         found = await self._claim_key(cur, conn, idempotency)
                         if found is not None:
                             await conn.commit()
                             return Created(found, replayed=True, at=None)
-                    ids: list[int] = []
-                    # One time for every row (created_at = updated_at = now), the counts in one statement.
-                    await cur.execute(
-                        "SET @message_sender_counted = 1; SELECT UTC_TIMESTAMP(6), @@auto_increment_increment"
-                    )
-                    await cur.nextset()
-                    now, step = await cur.fetchone()
                     counted = True
-                    # The time every row shares is sent once (escaping three datetimes a row was a fifth of
-                    # a batch's time in the gateway); a send_at is sent only when it is in the future.
-                    # The request's traceparent (tracing on; NULL otherwise) is the same for every row too.
-                    await cur.execute(
-                        "SET @message_sender_now = %s, @message_sender_tp = %s",
-                        (now, traceparent[:55] if traceparent else None),
-                    )
-                    for start in range(0, len(items), INSERT_CHUNK):
-                        chunk = items[start : start + INSERT_CHUNK]
-                        await cur.execute(
-                            "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at,"
-                            " traceparent) VALUES "
-                            + ", ".join(["(%s, %s, IFNULL(%s, @message_sender_now), %s, @message_sender_now,"
-                                         " @message_sender_now, @message_sender_tp)"] * len(chunk)),
-                            [v for m in chunk for v in (m.recipient, m.content, _later(m, now), m.priority)],
-                        )  # fmt: skip
-                        # One multi-row INSERT takes consecutive auto-increment values (a "simple insert":
-                        # guaranteed by innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked, so that a
-                        # server that interleaves them refuses the batch (nothing created) instead of answering
-                        # wrong ids.
-                        first, last = int(cur.lastrowid), int(cur.lastrowid) + (len(chunk) - 1) * int(step)
-                        await cur.execute(
-                            "SELECT COUNT(*) FROM messages WHERE id BETWEEN %s AND %s AND created_at = %s",
-                            (first, last, now),
-                        )
-                        (mine,) = await cur.fetchone()
-                        if int(mine) != len(chunk):
-                            raise RuntimeError(
-                                f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
-                                " (innodb_autoinc_lock_mode 2?): nothing created"
-                            )
-                        ids += [first + i * int(step) for i in range(len(chunk))]
-                    await cur.execute("SET @message_sender_counted = NULL")
-                    counted = False
-                    await cur.execute(*_moved({"pending": len(ids)}))
+                    ids, now = await self._insert_rows(cur, begin, items, traceparent)
+                    tail = "SET @message_sender_counted = NULL; {}; {}COMMIT"
+                    counts, count_args = _moved({"pending": len(ids)})
+                    key_sql, key_args = "", []
                     if idempotency is not None:
-                        await cur.execute(
-                            "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s",
-                            (orjson.dumps(ids).decode(), idempotency.key),
-                        )
-                    await conn.commit()
+                        key_sql = "UPDATE idempotency_keys SET ids = %s WHERE idem_key = %s; "
+                        key_args = [orjson.dumps(ids).decode(), idempotency.key]
+                    await cur.execute(tail.format(counts, key_sql), [*count_args, *key_args])
+                    await _drain(cur)
                     return Created(ids, replayed=False, at=now)
                 except _KeyTaken:
                     await _rollback(conn)  # an expired key was removed by another request meanwhile: again
@@ -348,6 +335,48 @@ class MessageStore(MessageQueries):
                             conn.close()
                     raise
         raise RuntimeError(f"the idempotency key {idempotency and idempotency.key!r} kept changing hands")
+
+    @staticmethod
+    async def _insert_rows(
+        cur: aiomysql.Cursor, begin: str, items: Sequence[NewMessage], traceparent: str | None
+    ) -> tuple[list[int], dt.datetime]:
+        """The rows of :meth:`create_messages`, in the open transaction (``begin`` opens it when not empty):
+        their ids in order and the time they share (``created_at = updated_at``, and ``send_at`` unless
+        later). The insert trigger is told to skip them (``@message_sender_counted``): the caller counts
+        them in one statement."""
+        ids: list[int] = []
+        now: dt.datetime | None = None
+        for start in range(0, len(items), INSERT_CHUNK):
+            chunk = items[start : start + INSERT_CHUNK]
+            # The time every row shares is set once, on the server (escaping three datetimes a row was a fifth
+            # of a batch's time in the gateway); a send_at is sent only when given, and the server keeps
+            # the later of it and now.
+            head = begin + (
+                "SET @message_sender_counted = 1, @message_sender_now = UTC_TIMESTAMP(6); " if start == 0 else ""
+            )
+            values = ", ".join(_ROW_LATER if m.send_at is not None else _ROW_NOW for m in chunk)
+            # One multi-row INSERT takes consecutive auto-increment values (a "simple insert": guaranteed by
+            # innodb_autoinc_lock_mode 0 and 1, MariaDB's default). Checked in the same round trip, so that a
+            # server that interleaves them refuses the batch (nothing created) instead of answering wrong ids.
+            await cur.execute(
+                head + "INSERT INTO messages (recipient, content, send_at, priority, created_at, updated_at,"
+                f" traceparent) VALUES {values}; SELECT LAST_INSERT_ID(), CAST(@message_sender_now AS DATETIME(6)),"
+                " @@auto_increment_increment, (SELECT COUNT(*) FROM messages WHERE id BETWEEN LAST_INSERT_ID()"
+                " AND LAST_INSERT_ID() + %s * @@auto_increment_increment AND created_at = @message_sender_now)",
+                [*_row_values(chunk, traceparent), len(chunk) - 1],
+            )
+            while cur.description is None:  # past the SET and the INSERT, to the SELECT
+                await cur.nextset()
+            first, now, step, mine = await cur.fetchone()
+            await _drain(cur)
+            if int(mine) != len(chunk):
+                raise RuntimeError(
+                    f"the {len(chunk)} rows of one INSERT did not get consecutive ids from {first}"
+                    " (innodb_autoinc_lock_mode 2?): nothing created"
+                )
+            ids += [int(first) + i * int(step) for i in range(len(chunk))]
+        assert isinstance(now, dt.datetime)
+        return ids, now
 
     @staticmethod
     async def _claim_key(cur: aiomysql.Cursor, conn: aiomysql.Connection, idempotency: Idempotency) -> list[int] | None:
@@ -468,7 +497,7 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 if budget:
-                    await cur.execute("SELECT COUNT(*) FROM messages WHERE status = 'queued'")
+                    await cur.execute(f"SELECT COUNT(*) FROM messages WHERE {IN_FLIGHT} AND status = 'queued'")
                     (waiting,) = await cur.fetchone()
                     limit -= int(waiting)
                 if limit <= 0:
@@ -530,7 +559,7 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    "SELECT id FROM messages WHERE status = 'queued' AND (queued_at IS NULL"
+                    f"SELECT id FROM messages WHERE {IN_FLIGHT} AND status = 'queued' AND (queued_at IS NULL"
                     " OR (published_at IS NULL AND queued_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND)"
                     f"{confirmed}) ORDER BY created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
                     [*args, limit],
@@ -563,7 +592,8 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    "SELECT id, recipient, content, attempts, at_least_once FROM messages WHERE status = 'sending'"
+                    "SELECT id, recipient, content, attempts, at_least_once FROM messages"
+                    f" WHERE {IN_FLIGHT} AND status = 'sending'"
                     " AND (lease_expires_at IS NULL OR lease_expires_at < UTC_TIMESTAMP(6))"
                     " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
                     (limit,),
@@ -580,15 +610,19 @@ class MessageStore(MessageQueries):
                     swept.append(Swept(int(message_id), recipient, content, kind, attempt, error))
                 if swept:
                     now = utcnow()
-                    table, values = _values_table([(s.id, s.kind, s.error) for s in swept], ("id", "kind", "err"))
+                    # Each row's kind is its own CASE in every column it decides (no assignment reads another's
+                    # result: MariaDB can be set to evaluate them all on the old row).
+                    again, again_args = _case("id", {s.id: s.kind == "retry" for s in swept})
+                    errors, error_args = _case("id", {s.id: s.error for s in swept})
+                    ids = [s.id for s in swept]
                     await cur.execute(
-                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                        " SET m.status = IF(v.kind = 'retry', 'pending', 'failed'), m.last_error = v.err,"
-                        " m.attempts = m.attempts + 1, m.delivery_token = NULL, m.lease_expires_at = NULL,"
-                        " m.queued_at = IF(v.kind = 'retry', NULL, m.queued_at),"
-                        " m.next_attempt_at = IF(v.kind = 'retry', UTC_TIMESTAMP(6), NULL)"
-                        " , m.failed_at = IF(v.kind = 'retry', NULL, UTC_TIMESTAMP(6)) WHERE m.status = 'sending'",
-                        values,
+                        f"UPDATE messages SET status = IF({again}, 'pending', 'failed'), last_error = {errors},"
+                        " attempts = attempts + 1, delivery_token = NULL, lease_expires_at = NULL,"
+                        f" queued_at = IF({again}, NULL, queued_at),"
+                        f" next_attempt_at = IF({again}, UTC_TIMESTAMP(6), NULL),"
+                        f" failed_at = IF({again}, NULL, UTC_TIMESTAMP(6))"
+                        f" WHERE id IN ({_in(ids)}) AND status = 'sending'",
+                        [*again_args, *error_args, *again_args, *again_args, *again_args, *ids],
                     )
                     retried = sum(w.kind == "retry" for w in swept)
                     await cur.execute(
@@ -625,27 +659,25 @@ class MessageStore(MessageQueries):
         if not claims:
             return {}
         ids = sorted({i for i, _ in claims})
-        table, values = _values_table(list(claims), ("id", "tok"))
+        tokens, token_args = _case("id", dict(reversed(claims)))  # an id claimed twice here: its first token
         counts, count_args = _moved(
             {"queued": "-@moved", "sending": "IF(@on, @moved, 0)", "pending": "IF(@on, 0, @moved)"}
         )
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
-                "START TRANSACTION;"
-                f" UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id JOIN dispatch_state AS d ON d.id = 1"
-                " SET m.status = IF(d.sending, 'sending', 'pending'), m.delivery_token = IF(d.sending, v.tok, NULL),"
-                " m.lease_expires_at = IF(d.sending, UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, NULL),"
-                " m.at_least_once = %s, m.queued_at = IF(d.sending, m.queued_at, NULL),"
-                " m.published_at = IF(d.sending, m.published_at, NULL)"
-                " WHERE m.status = 'queued';"
-                # The switch cannot change before this transaction ends: the join holds its row shared.
-                " SET @moved = ROW_COUNT(), @on = (SELECT sending FROM dispatch_state WHERE id = 1 LOCK IN SHARE MODE);"
-                f" {counts};"
+                # The switch cannot change before this transaction ends: its row is held shared.
+                "START TRANSACTION; SET @on = (SELECT sending FROM dispatch_state WHERE id = 1 LOCK IN SHARE MODE);"
+                " UPDATE messages SET status = IF(@on, 'sending', 'pending'),"
+                f" delivery_token = IF(@on, {tokens}, NULL),"
+                " lease_expires_at = IF(@on, UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND, NULL),"
+                " at_least_once = %s, queued_at = IF(@on, queued_at, NULL), published_at = IF(@on, published_at, NULL)"
+                f" WHERE id IN ({_in(ids)}) AND status = 'queued';"
+                f" SET @moved = ROW_COUNT(); {counts};"
                 " SELECT id, recipient, content, status, attempts, delivery_token"
                 f" FROM messages WHERE id IN ({_in(ids)}); COMMIT",
-                [*values, _micros(lease_seconds), at_least_once, *count_args, *ids],
+                [*token_args, _micros(lease_seconds), at_least_once, *ids, *count_args, *ids],
             )
-            for _ in range(4):
+            for _ in range(5):
                 await cur.nextset()
             found = await cur.fetchall()
             await _drain(cur)
@@ -672,8 +704,8 @@ class MessageStore(MessageQueries):
                 if any_sent:
                     head += (
                         " SELECT value FROM counters WHERE name = 'sent' FOR UPDATE;"
-                        " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_at) + INTERVAL 1 MICROSECOND,"
-                        " UTC_TIMESTAMP(6))) FROM messages WHERE status = 'sent';"
+                        " SELECT GREATEST(UTC_TIMESTAMP(6), COALESCE(MAX(sent_key) + INTERVAL 1 MICROSECOND,"
+                        " UTC_TIMESTAMP(6))) FROM messages;"
                     )
                 await cur.execute(
                     head + f" SELECT id, status, delivery_token, sent_at FROM messages WHERE id IN ({_in(ids)})"
@@ -705,17 +737,15 @@ class MessageStore(MessageQueries):
                 sent = sorted(o.id for o in live if o.kind == "sent")
                 if sent:
                     remote = {o.id: o.remote_message_id for o in live if o.kind == "sent"}
-                    table, values = _values_table(
-                        [(i, remote[i], int(base) + n) for n, i in enumerate(sent, start=1)], ("id", "rid", "seq")
-                    )
+                    rids, rid_args = _case("id", {i: remote[i] for i in sent})
+                    seqs, seq_args = _case("id", {i: int(base) + n for n, i in enumerate(sent, start=1)})
                     statements += [
-                        f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                        " SET m.status = 'sent', m.remote_message_id = v.rid, m.sent_at = %s, m.sent_seq = v.seq,"
-                        " m.attempts = m.attempts + 1, m.last_error = NULL, m.next_attempt_at = NULL,"
-                        " m.lease_expires_at = NULL WHERE m.status = 'sending'",
+                        f"UPDATE messages SET status = 'sent', remote_message_id = {rids}, sent_at = %s,"
+                        f" sent_seq = {seqs}, attempts = attempts + 1, last_error = NULL, next_attempt_at = NULL,"
+                        f" lease_expires_at = NULL WHERE id IN ({_in(sent)}) AND status = 'sending'",
                         "UPDATE counters SET value = %s WHERE name = 'sent'",
                     ]
-                    args += [*values, sent_at, int(base) + len(sent)]
+                    args += [*rid_args, sent_at, *seq_args, *sent, int(base) + len(sent)]
                     assert isinstance(sent_at, dt.datetime)
                     recorded.update(dict.fromkeys(sent, sent_at))
                 self._outcome_statements(live, statements, args)
@@ -738,23 +768,24 @@ class MessageStore(MessageQueries):
         retry = [o for o in outcomes if o.kind == "retry"]
         failed = [o for o in outcomes if o.kind == "failed"]
         if retry:
-            table, values = _values_table([(o.id, o.error, o.next_attempt_at) for o in retry], ("id", "err", "due"))
+            errors, error_args = _case("id", {o.id: o.error for o in retry})
+            due, due_args = _case("id", {o.id: o.next_attempt_at for o in retry})
+            ids = [o.id for o in retry]
             statements.append(
-                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                " SET m.status = 'pending', m.last_error = v.err, m.next_attempt_at = v.due,"
-                " m.attempts = m.attempts + 1, m.queued_at = NULL, m.published_at = NULL, m.lease_expires_at = NULL"
-                " WHERE m.status = 'sending'"
+                f"UPDATE messages SET status = 'pending', last_error = {errors}, next_attempt_at = {due},"
+                " attempts = attempts + 1, queued_at = NULL, published_at = NULL, lease_expires_at = NULL"
+                f" WHERE id IN ({_in(ids)}) AND status = 'sending'"
             )
-            args += values
+            args += [*error_args, *due_args, *ids]
         if failed:
-            table, values = _values_table([(o.id, o.error) for o in failed], ("id", "err"))
+            errors, error_args = _case("id", {o.id: o.error for o in failed})
+            ids = [o.id for o in failed]
             statements.append(
-                f"UPDATE messages AS m JOIN ({table}) AS v ON m.id = v.id"
-                " SET m.status = 'failed', m.last_error = v.err, m.attempts = m.attempts + 1,"
-                " m.next_attempt_at = NULL, m.lease_expires_at = NULL, m.failed_at = UTC_TIMESTAMP(6)"
-                " WHERE m.status = 'sending'"
+                f"UPDATE messages SET status = 'failed', last_error = {errors}, attempts = attempts + 1,"
+                " next_attempt_at = NULL, lease_expires_at = NULL, failed_at = UTC_TIMESTAMP(6)"
+                f" WHERE id IN ({_in(ids)}) AND status = 'sending'"
             )
-            args += values
+            args += [*error_args, *ids]
         if outcomes:
             statements.append(
                 "INSERT INTO message_attempts"
@@ -793,7 +824,7 @@ class MessageStore(MessageQueries):
     async def remove_expired(self, days: float, limit: int, fence: Fence | None = None) -> tuple[int, int, int]:
         """One retention batch: up to ``limit`` ``sent`` rows sent, up to ``limit`` ``failed`` rows failed and
         up to ``limit`` ``cancelled`` rows cancelled more than ``days`` ago, oldest first, with their attempt
-        rows and their counts, in one short transaction (index ranges of ``ix_messages_sent``,
+        rows and their counts, in one short transaction (index ranges of ``ix_messages_sent_key``,
         ``ix_messages_failed_at`` and ``ix_messages_cancelled_at``; rows in use are skipped, not waited for).
         Removing the oldest sent rows keeps offsets and cursors of the sent list right: the numbering of the
         others does not move. Returns ``(sent, failed, cancelled)`` removed."""
@@ -805,8 +836,8 @@ class MessageStore(MessageQueries):
             try:
                 await _check_fence(cur, fence)
                 await cur.execute(
-                    f"SELECT id FROM messages WHERE status = 'sent' AND sent_at < {cutoff}"
-                    " ORDER BY sent_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    f"SELECT id FROM messages WHERE sent_key < {cutoff}"
+                    " ORDER BY sent_key, id LIMIT %s FOR UPDATE SKIP LOCKED",
                     (age, limit),
                 )
                 sent = [int(r[0]) for r in await cur.fetchall()]

@@ -77,8 +77,17 @@ class Topology:
 
     async def _publish_chunk(self, ids: list[int], traceparents: Mapping[int, str] | None = None) -> None:
         message = dispatch_message(ids)
-        if traceparents:  # tracing on: each id's publish span, for the consumer's spans (common.tracing)
-            message.headers[tracing.HEADER] = tracing.encode({i: traceparents[i] for i in ids if i in traceparents})
+        if not traceparents:
+            await self._publish_dispatch(message)
+            return
+        # Tracing on: each id's publish span, for the consumer's spans (common.tracing). The AMQP message's own
+        # send span (the aio-pika instrumentation) can be in one trace only: its first id's.
+        carried = {i: traceparents[i] for i in ids if i in traceparents}
+        message.headers[tracing.HEADER] = tracing.encode(carried)
+        with tracing.within(carried.get(ids[0])):
+            await self._publish_dispatch(message)
+
+    async def _publish_dispatch(self, message: aio_pika.Message) -> None:
         await self.dispatch.publish(
             message, routing_key=DISPATCH_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
         )

@@ -34,7 +34,6 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from common import tracing
 from common.models import Delivery, Outcome, outcome_unknown, utcnow
 from common.settings import Settings
 from consumer import metrics
@@ -173,7 +172,6 @@ class Webhook:
         headers = {**(self.fallback_headers if fallback else self.headers), "Idempotency-Key": str(row.id)}
         if self.signer is not None:
             headers.update(self.signer.headers(webhook_id(row.id), payload))
-        tracing.inject(headers)  # W3C traceparent of the current span (tracing on only)
         target = self.fallback_url if fallback else self.url
         if target is None:
             raise RuntimeError("a fallback delivery without WEBHOOK_FALLBACK_URL")

@@ -201,6 +201,7 @@ class RabbitAdmin(Protocol):
     def close_connections(self, vhost: str) -> int: ...
     def vhosts(self) -> list[str]: ...
     def queue_types(self, vhost: str) -> dict[str, str]: ...
+    def queue_messages(self, vhost: str) -> dict[str, int]: ...
 
 
 class ManagementAPI:
@@ -246,6 +247,11 @@ class ManagementAPI:
         """Each queue of ``vhost`` and its type (``classic``, ``quorum``), as the management UI shows them."""
         return {str(q["name"]): str(q["type"]) for q in self._call("GET", f"/queues/{quote(vhost, safe='')}") or []}
 
+    def queue_messages(self, vhost: str) -> dict[str, int]:
+        """Each queue of ``vhost`` and its messages (ready and unacknowledged)."""
+        queues = self._call("GET", f"/queues/{quote(vhost, safe='')}") or []
+        return {str(q["name"]): int(q.get("messages", 0)) for q in queues}
+
     def version(self) -> str:
         return str(self._call("GET", "/overview").get("rabbitmq_version"))
 
@@ -288,6 +294,10 @@ class Rabbitmqctl:
     def queue_types(self, vhost: str) -> dict[str, str]:
         rows = [line.split("\t") for line in self.run("list_queues", "-p", vhost, "name", "type").splitlines()]
         return {row[0]: row[1] for row in rows if len(row) == 2 and row != ["name", "type"]}  # not its header
+
+    def queue_messages(self, vhost: str) -> dict[str, int]:
+        rows = [line.split("\t") for line in self.run("list_queues", "-p", vhost, "name", "messages").splitlines()]
+        return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
 
 
 def amqp_credentials(s: Settings) -> tuple[str, str]:

@@ -11,15 +11,15 @@ no registry needs to be reachable. ``BASE_IMAGE=pull`` pulls the real one instea
 ``prove``: builds, then runs each container alone (host networking, read-only root filesystem) against the
 host's MySQL, Redis and RabbitMQ in a database, vhost and key prefix of its own, and checks what a user would:
 ``/readyz``, every HEALTHCHECK, a non-root process, a message end to end (webhook stand-in, MySQL row, Redis
-key), and a consumer stopped alone (a new message stays queued, the gateway stays ready) then started again
-(the message goes out). Then the same through docker-compose.yml with deploy/compose.host.yml. It removes its
-containers, database, vhost and keys whatever happens.
+key, and its trace: tracing is on, exported to a receiver here), and a consumer stopped alone (a new message
+stays queued, the gateway stays ready) then started again (the message goes out). Then the same through
+docker-compose.yml with deploy/compose.host.yml (tracing off, its default). It removes its containers,
+database, vhost and keys whatever happens.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -166,13 +166,15 @@ class Isolation:
 
     def __init__(self) -> None:
         from common.settings import Settings
+        from deploy.devsupport import amqp_credentials, rabbitmq_admin
 
         self.host = Settings.from_env(dotenv=None)
         self.name = f"ms_images_{secrets.token_hex(4)}"
         amqp = urlsplit(self.host.amqp_url.reveal())
         self.amqp_url = amqp._replace(path="/" + quote(self.name, safe="")).geturl()
-        self.amqp_user, self.amqp_password = amqp.username or "guest", amqp.password or "guest"
-        self.management = os.environ.get("RABBITMQ_MANAGEMENT_URL", f"http://{amqp.hostname}:15672/api")
+        self.amqp_user = amqp_credentials(self.host)[0]
+        # the vhost and the queue depth: the management API when it answers, else rabbitmqctl (as the tests do)
+        self.rabbit = rabbitmq_admin(self.host)
 
     def env(self) -> dict[str, str]:
         h = self.host
@@ -180,17 +182,6 @@ class Isolation:
                 "MYSQL_PASSWORD": h.mysql_password.reveal(), "MYSQL_DATABASE": self.name,
                 "REDIS_URL": h.redis_url.reveal(), "REDIS_PREFIX": f"{self.name}:", "AMQP_URL": self.amqp_url,
                 "AMQP_QUEUE_TYPE": os.environ.get("AMQP_QUEUE_TYPE", "classic")}  # fmt: skip
-
-    def _api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.management + path, method=method, data=None if body is None else json.dumps(body).encode()
-        )
-        token = f"{self.amqp_user}:{self.amqp_password}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            raw = answer.read()
-        return json.loads(raw) if raw else None
 
     def _sql(self, statement: str, args: tuple[Any, ...] = (), database: str | None = None) -> list[tuple[Any, ...]]:
         import pymysql
@@ -221,15 +212,10 @@ class Isolation:
             client.close()
 
     def dispatch_depth(self) -> int:
-        queue = self._api("GET", f"/queues/{quote(self.name, safe='')}/message_sender.dispatch")
-        return int(queue.get("messages", 0))
+        return self.rabbit.queue_messages(self.name).get("message_sender.dispatch", 0)
 
     def __enter__(self) -> Isolation:
-        vhost = quote(self.name, safe="")
-        self._api("PUT", f"/vhosts/{vhost}")
-        self._api(
-            "PUT", f"/permissions/{vhost}/{quote(self.amqp_user)}", {"configure": ".*", "write": ".*", "read": ".*"}
-        )
+        self.rabbit.create_vhost(self.name, self.amqp_user)
         self._sql(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
         log(f"isolated in database/vhost {self.name}, Redis prefix {self.name}:")
         return self
@@ -247,7 +233,7 @@ class Isolation:
                 client.close()
 
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("vhost", lambda: self._api("DELETE", f"/vhosts/{quote(self.name, safe='')}")),
+            ("vhost", lambda: self.rabbit.delete_vhost(self.name)),
             ("database", lambda: self._sql(f"DROP DATABASE IF EXISTS `{self.name}`")),
             ("Redis keys", delete_keys),
         ]
@@ -390,12 +376,59 @@ def service_env(iso: Isolation, ports: dict[str, int]) -> dict[str, str]:
             "SEND_BATCH_SIZE": "10", "SHUTDOWN_TIMEOUT_SECONDS": "10", "LOG_LEVEL": "INFO"}  # fmt: skip
 
 
+class TraceReceiver:
+    """An OTLP/HTTP receiver on this host (the containers share its network): the spans the services export,
+    as (service, span name, trace id), decoded with opentelemetry-proto (the test extras)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list[tuple[str, str, str]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                    attributes = {a.key: a.value.string_value for a in rs.resource.attributes}
+                    service = attributes.get("service.name", "")
+                    receiver.spans += [(service, s.name, s.trace_id.hex()) for ss in rs.scope_spans for s in ss.spans]
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def check_one_trace_per_message(self) -> None:
+        """A trace whose spans come from the three services and include the webhook request."""
+
+        def found() -> bool:
+            by_trace: dict[str, set[str]] = {}
+            for service, name, trace in list(self.spans):
+                by_trace.setdefault(trace, set()).add(service if name != "webhook request" else name)
+            return any({"gateway", "producer", "consumer", "webhook request"} <= seen for seen in by_trace.values())
+
+        wait_for("a trace spans gateway, producer and consumer (tracing on in the images)", found, timeout=30)
+        log(f"tracing on: {len(self.spans)} spans received, one trace from POST /messages to the webhook request")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @contextlib.contextmanager
 def containers(
-    engine: Engine, images: dict[str, str], iso: Isolation, ports: dict[str, int]
+    engine: Engine, images: dict[str, str], iso: Isolation, ports: dict[str, int], extra: dict[str, str] | None = None
 ) -> Iterator[dict[str, str]]:
     names = {s: f"{iso.name}-{s}" for s in TARGETS}
-    env = service_env(iso, ports)
+    env = {**service_env(iso, ports), **(extra or {})}
     try:
         for service in ("standin", "gateway", "producer", "consumer"):
             flags = ["--read-only"] + (["--tmpfs", "/tmp"] if not engine.podman else [])
@@ -418,13 +451,21 @@ def containers(
 
 
 def prove_alone(engine: Engine, images: dict[str, str]) -> None:
+    """Each container alone, with tracing on (the images have the extra): the services export to a receiver
+    here. (The compose proof runs with tracing off, its default.)"""
     ports = {s: free_port() for s in TARGETS}
-    with Isolation() as iso, containers(engine, images, iso, ports) as names:
-        stack = Stack(engine, iso, ports, names)
-        stack.prove(
-            stop=lambda: engine.run("stop", "-t", "40", names["consumer"]),
-            start=lambda: engine.run("start", names["consumer"]),
-        )
+    receiver = TraceReceiver()
+    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    try:
+        with Isolation() as iso, containers(engine, images, iso, ports, traced) as names:
+            stack = Stack(engine, iso, ports, names)
+            stack.prove(
+                stop=lambda: engine.run("stop", "-t", "40", names["consumer"]),
+                start=lambda: engine.run("start", names["consumer"]),
+            )
+            receiver.check_one_trace_per_message()
+    finally:
+        receiver.close()
     log("each container alone: proved")
 
 

@@ -19,7 +19,21 @@ from gateway import dashboard, dispatch, health, messages
 from gateway.auth import auth_middleware, digest
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.httputil import add_security_headers
-from gateway.keys import AMQP, API_TOKEN, DB_POOL, METRICS, MYSQL, PAGES, READINESS, REDIS, SETTINGS, STORE, AmqpLink
+from gateway.intake import Intake
+from gateway.keys import (
+    AMQP,
+    API_TOKEN,
+    DB_POOL,
+    INTAKE,
+    METRICS,
+    MYSQL,
+    PAGES,
+    READINESS,
+    REDIS,
+    SETTINGS,
+    STORE,
+    AmqpLink,
+)
 from gateway.metrics import HttpMetrics, metrics_middleware
 from gateway.mysql import STARTUP_WAIT_SECONDS, MysqlLink
 from gateway.paging import PageCache
@@ -37,12 +51,14 @@ async def mysql_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MYSQL] = link
     app[DB_POOL] = link.pool
     app[STORE] = MessageStore(link.pool)
+    app[INTAKE] = Intake(app[STORE])
     link.start()
     if not await link.wait_ready(STARTUP_WAIT_SECONDS):
         log.warning("listening before MySQL answers: requests that need it answer 503 until it does")
     try:
         yield
     finally:
+        await app[INTAKE].close()  # the creates in flight finish before their connections close
         await link.close()
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from common.settings import Settings
 from common.store import MessageStore
+from gateway.intake import Intake
 from gateway.metrics import HttpMetrics
 from gateway.mysql import MysqlLink
 from gateway.paging import PageCache
@@ -25,6 +26,7 @@ SETTINGS = web.AppKey("settings", Settings)
 MYSQL = web.AppKey("mysql", MysqlLink)
 DB_POOL = web.AppKey("db_pool", aiomysql.Pool)
 STORE = web.AppKey("store", MessageStore)
+INTAKE = web.AppKey("intake", Intake)  # the group commit of POST /messages
 REDIS = web.AppKey("redis", redis.Redis)
 AMQP = web.AppKey("amqp", AmqpLink)
 API_TOKEN = web.AppKey("api_token", bytes)  # empty: no token required

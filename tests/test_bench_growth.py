@@ -23,7 +23,7 @@ from tests.procs import ARTIFACTS, ROOT
 
 TINY = {
     "BENCH_GROWTH": "1",
-    "BENCH_SKIP": "limit,pipeline,steady,api",
+    "BENCH_SKIP": "tracing,limit,pipeline,steady,api",
     "BENCH_GROWTH_SERVER": "private",
     "BENCH_GROWTH_ROWS": "2500,5000",
     "BENCH_GROWTH_PENDING": "1000",

@@ -127,6 +127,22 @@ def test_prometheus_scrapes_every_replica() -> None:
     }  # fmt: skip
 
 
+def test_the_observability_profile_receives_and_shows_traces_and_tracing_is_off_by_default(tmp_path: Path) -> None:
+    services = compose_config(tmp_path)["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:") and jaeger["profiles"] == ["observability"]
+    assert services["prometheus"]["profiles"] == ["observability"], "beside the Prometheus already there"
+    assert {16686, 4318} <= targets(jaeger), "the UI and OTLP over HTTP"
+    assert published(jaeger) == {"127.0.0.1"}
+    for name in ("producer", "consumer", "gateway"):
+        env = services[name]["environment"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", f"{name}: tracing must stay off unless a user sets it"
+        assert "profiles" not in services[name]
+    traced = compose_config(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="http://jaeger:4318")["services"]
+    for name in ("producer", "consumer", "gateway"):
+        assert traced[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+
+
 def test_host_override_runs_only_the_app_services_against_the_hosts_servers() -> None:
     class Loader(yaml.SafeLoader):
         pass
@@ -219,6 +235,21 @@ def test_dockerfile_target(service: str) -> None:
         assert entrypoint[:2] == ["python", "/app/standin.py"] and "0.0.0.0" in entrypoint
     else:
         assert entrypoint == [f"message-sender-{service}"] and entrypoint[0] in scripts
+
+
+def test_the_service_images_have_the_tracing_extra() -> None:
+    """Setting OTEL_EXPORTER_OTLP_ENDPOINT turns tracing on in a container: the services' virtualenv is built
+    with the extra (make run's is not: tracing stays an extra there)."""
+    venv = [arg for op, arg in stages()["app"][1] if op == "COPY" and "/opt/venv" in arg]
+    assert venv == ["--from=build /opt/venv /opt/venv"], venv
+    installs = [arg for op, arg in target_steps("build") if op == "RUN" and "pip install" in arg]
+    assert len(installs) == 1 and "pip install '.[tracing]'" in installs[0], installs
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for package in ("sdk", "exporter-otlp-proto-http", "instrumentation-aiohttp-server",
+                    "instrumentation-aiohttp-client", "instrumentation-aio-pika", "instrumentation-redis"):  # fmt: skip
+        assert any(r.startswith(f"opentelemetry-{package}>=") for r in extras["tracing"]), package
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install --quiet -e .\n" in makefile, "make run installs only what running needs"
 
 
 def test_dockerfile_copies_only_what_the_build_context_holds() -> None:

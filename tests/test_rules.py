@@ -1,6 +1,7 @@
 """Pure rules that need no services: the redelivery decision, backoff, Retry-After, batching, bodies."""
 
 import asyncio
+import contextvars
 import datetime as dt
 import random
 
@@ -113,6 +114,30 @@ async def test_batcher_groups_concurrent_submits_and_keeps_order() -> None:
     results = await asyncio.gather(*(batcher.submit(i) for i in range(120)))
     assert results == [i * 2 for i in range(120)]
     assert len(sizes) <= 4 and max(sizes) == 50
+
+
+CALLER: contextvars.ContextVar[int] = contextvars.ContextVar("caller")
+
+
+async def test_each_flush_runs_in_the_context_of_the_first_caller_it_carries() -> None:
+    """So that what a flush traces (the Redis pipeline of a group commit) joins its first message's trace, also
+    for a flush started when the previous one ends (from that flush's own task and context)."""
+    seen: list[tuple[int, int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        seen.append((items[0], CALLER.get()))
+        await asyncio.sleep(0.01)  # the others arrive meanwhile: the next flush starts from this one's end
+        return items
+
+    batcher: Batcher[int, int] = Batcher(flush, max_size=3, max_concurrent=1)
+
+    async def caller(i: int) -> int:
+        CALLER.set(i)
+        return await batcher.submit(i)
+
+    assert await asyncio.gather(*(caller(i) for i in range(10))) == list(range(10))
+    assert [first for first, _ in seen] == [0, 3, 6, 9]
+    assert seen == [(first, first) for first, _ in seen]
 
 
 async def test_batcher_failure_reaches_every_caller_of_that_flush() -> None:

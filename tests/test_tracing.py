@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,8 @@ class Span:
     span_id: str
     parent_id: str
     attributes: dict[str, Any]
+    scope: str = ""  # the instrumentation's name (opentelemetry.instrumentation.redis, ...) or ours
+    kind: int = 0  # SpanKind of the OTLP protobuf: 2 server, 3 client, 4 producer, 5 consumer
 
 
 class Receiver:
@@ -51,6 +54,8 @@ class Receiver:
                             s.span_id.hex(),
                             s.parent_span_id.hex(),
                             {a.key: a.value.int_value or a.value.string_value for a in s.attributes},
+                            ss.scope.name,
+                            s.kind,
                         )
                     )
         return web.Response(status=200)
@@ -82,6 +87,12 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 
 
 TRACED = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
+# The instrumentations' scopes, and the OTLP SpanKind values
+SERVER_SCOPE = "opentelemetry.instrumentation.aiohttp_server"
+CLIENT_SCOPE = "opentelemetry.instrumentation.aiohttp_client"
+AMQP_SCOPE = "opentelemetry.instrumentation.aio_pika"
+REDIS_SCOPE = "opentelemetry.instrumentation.redis"
+SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5
 
 
 def _consumer_spans(r: Receiver, message_id: int) -> dict[str, Span] | None:
@@ -94,9 +105,41 @@ def _consumer_spans(r: Receiver, message_id: int) -> dict[str, Span] | None:
     return found
 
 
+def _amqp_spans(r: Receiver, message_id: int) -> tuple[Span, Span] | None:
+    """The aio-pika instrumentation's send (producer) and receive (consumer) spans of the AMQP message that
+    carried ``message_id`` first."""
+
+    def of(service: str, kind: int) -> list[Span]:
+        return [s for s in r.spans if s.service == service and s.scope == AMQP_SCOPE and s.kind == kind
+                and s.attributes.get("messaging.message.id") == str(message_id)]  # fmt: skip
+
+    send, receive = of("producer", PRODUCER), of("consumer", CONSUMER)
+    return (send[0], receive[0]) if send and receive else None
+
+
+def _redis_spans(r: Receiver, service: str) -> list[Span]:
+    return [s for s in r.spans if s.service == service and s.scope == REDIS_SCOPE]
+
+
 async def _sent(settings: Settings, message_id: int) -> bool:
     rows = await sql(settings, "SELECT status FROM messages WHERE id = %s", (message_id,))
     return bool(rows) and rows[0][0] == "sent"
+
+
+async def _post(port: int, content: str) -> int:
+    """POST /messages to the gateway on ``port`` once it answers; the new message's id."""
+    async with aiohttp.ClientSession() as http:
+
+        async def post() -> int | None:
+            try:
+                async with http.post(
+                    f"http://127.0.0.1:{port}/messages", json={"recipient": "+905551111111", "content": content}
+                ) as resp:
+                    return int((await resp.json())["id"]) if resp.status == 201 else None
+            except aiohttp.ClientError:
+                return None
+
+        return await wait_for(post, 30, "the gateway to create a message")
 
 
 async def test_one_trace_from_post_through_publish_webhook_and_commit(
@@ -108,35 +151,51 @@ async def test_one_trace_from_post_through_publish_webhook_and_commit(
     cluster.start("gateway", GATEWAY_PORT=str(port), **env)
     cluster.start("producer", **env)
     cluster.start("consumer", **env)
+    message_id = await _post(port, "traced")
     async with aiohttp.ClientSession() as http:
-
-        async def post() -> int | None:
-            try:
-                async with http.post(
-                    f"http://127.0.0.1:{port}/messages", json={"recipient": "+905551111111", "content": "traced"}
-                ) as resp:
-                    return int((await resp.json())["id"]) if resp.status == 201 else None
-            except aiohttp.ClientError:
-                return None
-
-        message_id = await wait_for(post, 30, "the gateway to create a message")
+        for path in ("/healthz", "/readyz", "/metrics", "/stats"):
+            async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                assert resp.status == 200, path
     await wait_for(lambda: _sent(settings, message_id), 30, "the message to be sent")
     await wait_for(lambda: asyncio.sleep(0, _consumer_spans(r, message_id)), 20, "the consumer's spans")
     await wait_for(lambda: asyncio.sleep(0, r.named("producer", "producer publish", message_id)), 20, "publish span")
     await wait_for(lambda: asyncio.sleep(0, r.named("gateway", "POST /messages")), 20, "the gateway's span")
+    await wait_for(lambda: asyncio.sleep(0, _amqp_spans(r, message_id)), 20, "aio-pika's send and receive spans")
+    await wait_for(lambda: asyncio.sleep(0, _redis_spans(r, "consumer")), 20, "the consumer's Redis span")
 
+    await wait_for(lambda: asyncio.sleep(0, r.named("gateway", "GET /stats")), 20, "the span of GET /stats")
     (post_span,) = r.named("gateway", "POST /messages")
     (publish,) = r.named("producer", "producer publish", message_id)
     consumer = _consumer_spans(r, message_id)
-    assert consumer is not None
-    trace_ids = {post_span.trace_id, publish.trace_id, *(s.trace_id for s in consumer.values())}
-    assert trace_ids == {post_span.trace_id}, "one trace links the three services"
+    amqp = _amqp_spans(r, message_id)
+    # probes and scrapes make no trace (sent before GET /stats, whose span is here)
+    assert {s.name for s in r.spans if s.service == "gateway" and s.scope == SERVER_SCOPE} == {
+        "POST /messages",
+        "GET /stats",
+    }
+    assert consumer is not None and amqp is not None
+    send, receive = amqp
+    (cache,) = _redis_spans(r, "consumer")
+    webhook = consumer["webhook request"]
+    trace_ids = {post_span.trace_id, publish.trace_id, send.trace_id, receive.trace_id, cache.trace_id}
+    assert trace_ids | {s.trace_id for s in consumer.values()} == {post_span.trace_id}, "one trace, three services"
+    # the gateway's request (aiohttp server instrumentation) -> the producer's publish -> the consumer's delivery
+    assert (post_span.scope, post_span.kind) == (SERVER_SCOPE, SERVER)
     assert publish.parent_id == post_span.span_id
     assert consumer["consumer delivery"].parent_id == publish.span_id
     for name in ("compare-and-set", "webhook request", "outcome commit"):
         assert consumer[name].parent_id == consumer["consumer delivery"].span_id, name
+    # the AMQP message (aio-pika instrumentation): sent in the publish span, received from its own traceparent
+    assert send.parent_id == publish.span_id and receive.parent_id == send.span_id
+    # the webhook POST is the aiohttp client instrumentation's span, the webhook URL's path masked as in the logs
+    assert (webhook.scope, webhook.kind) == (CLIENT_SCOPE, CLIENT)
+    assert webhook.attributes["http.status_code"] == 202
+    assert webhook.attributes["http.url"] == f"{standin.url}/webh***"
+    # the script call that writes message:<messageId> (redis instrumentation), in the group commit of the outcome
+    assert cache.parent_id == consumer["outcome commit"].span_id and cache.kind == CLIENT
+    assert cache.attributes["db.statement"].startswith("EVALSHA ? ?"), "the values are not exported"
     (got,) = [x for x in await standin.received() if x["key"] == str(message_id)]
-    assert got["traceparent"].startswith(f"00-{post_span.trace_id}-{consumer['webhook request'].span_id}-")
+    assert got["traceparent"].startswith(f"00-{post_span.trace_id}-{webhook.span_id}-"), "the webhook request's span"
 
 
 async def test_a_hand_inserted_row_gets_a_trace_starting_at_the_claim(
@@ -151,12 +210,42 @@ async def test_a_hand_inserted_row_gets_a_trace_starting_at_the_claim(
     await wait_for(lambda: _sent(settings, int(message_id)), 30, "the message to be sent")
     await wait_for(lambda: asyncio.sleep(0, _consumer_spans(r, int(message_id))), 20, "the consumer's spans")
     await wait_for(lambda: asyncio.sleep(0, r.named("producer", "producer publish", int(message_id))), 20, "publish")
+    await wait_for(lambda: asyncio.sleep(0, _amqp_spans(r, int(message_id))), 20, "aio-pika's spans")
     (publish,) = r.named("producer", "producer publish", int(message_id))
     assert publish.parent_id == "", "a new root at the claim"
     consumer = _consumer_spans(r, int(message_id))
-    assert consumer is not None
-    assert {s.trace_id for s in consumer.values()} == {publish.trace_id}
+    amqp = _amqp_spans(r, int(message_id))
+    assert consumer is not None and amqp is not None
+    assert {s.trace_id for s in (*consumer.values(), *amqp)} == {publish.trace_id}
     assert consumer["consumer delivery"].parent_id == publish.span_id
+    assert amqp[0].parent_id == publish.span_id
+
+
+async def test_without_the_extra_each_service_warns_once_and_runs_untraced(
+    settings: Settings, cluster: Cluster, standin: StandIn, receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT set where the tracing extra is not installed (here: an ``opentelemetry``
+    package of nothing ahead of the real one on the path, as when none is installed): one warning per service,
+    and the message goes out as with tracing off."""
+    r, endpoint = receiver
+    empty = tmp_path / "without-extra" / "opentelemetry"
+    empty.mkdir(parents=True)
+    (empty / "__init__.py").write_text('"""Nothing of OpenTelemetry: stands for an install without the extra."""\n')
+    env = {**TRACED, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "PYTHONPATH": str(empty.parent)}
+    port = free_port()
+    services = [cluster.start("gateway", GATEWAY_PORT=str(port), **env), cluster.start("producer", **env),
+                cluster.start("consumer", **env)]  # fmt: skip
+    message_id = await _post(port, "untraced")
+    await wait_for(lambda: _sent(settings, message_id), 30, "the message to be sent")
+    (got,) = [x for x in await standin.received() if x["key"] == str(message_id)]
+    assert got["traceparent"] is None
+    for service in services:
+        assert service.terminate() == 0, service.tail()  # a traced service would flush its spans on the way out
+        warnings = [ln for ln in service.log().splitlines() if "tracing extra is not installed" in ln]
+        assert len(warnings) == 1, f"{service.name}: {warnings or service.tail()}"
+        assert "WARNING" in warnings[0] and "OTEL_EXPORTER_OTLP_ENDPOINT" in warnings[0]
+        assert "tracing on" not in service.log()
+    assert r.spans == []
 
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
