@@ -14,6 +14,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -21,7 +22,7 @@ from typing import Any
 
 from bench import loaddata
 from bench.api import pick_client, run_api, run_batch
-from bench.config import Config, ConfigError
+from bench.config import PHASES, Config, ConfigError
 from bench.growth import run_growth
 from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
@@ -84,6 +85,10 @@ async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:
 
 async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
+    # SIGTERM ends the run like Ctrl-C does: cancelled, so every clean-up below runs (a private server killed).
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     sandbox = Sandbox(base, f"ms_bench_{secrets.token_hex(4)}")  # its own database, vhost and Redis prefix
     pool = None
     r["run"] = sandbox.name
@@ -96,12 +101,17 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
             r["tracing"] = tracing_off_cost()
             say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
         except Exception as exc:
-            r["errors"]["tracing"] = _error(exc)
+            r["errors"]["tracing"] = _error(exc, this)
+    # The shared servers are left alone when only the growth phase runs, on a private server (and the tracing
+    # phase, which runs in this process).
+    servers = [p for p in PHASES if p != "tracing"]
+    shared = any(cfg.runs(p) for p in servers) or (cfg.runs("growth") and cfg.growth_server == "shared")
     try:
-        await asyncio.to_thread(sandbox.create)
-        pool = await create_pool(sandbox.settings, maxsize=4)
-        await migrate(pool)
-        r["versions"] = await server_versions(pool, sandbox)
+        if shared:
+            await asyncio.to_thread(sandbox.create)
+            pool = await create_pool(sandbox.settings, maxsize=4)
+            await migrate(pool)
+            r["versions"] = await server_versions(pool, sandbox)
         say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
         if cfg.runs("limit"):
             try:
@@ -109,27 +119,27 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
                 say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
             except Exception as exc:
-                r["errors"]["limit"] = _error(exc)
+                r["errors"]["limit"] = _error(exc, this)
         env = service_env(sandbox)
         base_url = None
         if cfg.runs("api"):
             try:
                 services["gateway"], base_url = await start_gateway(procs, env)
             except Exception as exc:
-                r["errors"]["api"] = f"gateway did not start: {_error(exc)}"
+                r["errors"]["api"] = f"gateway did not start: {_error(exc, this)}"
         if cfg.runs("pipeline"):
             try:
                 r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
                 r["rss_idle"].update(pipe["rss_idle"])
                 r["rss_load"].update(pipe["rss_load"])
             except Exception as exc:
-                r["errors"]["pipeline"] = _error(exc)
+                r["errors"]["pipeline"] = _error(exc, this)
             if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
                 try:
                     r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
                     say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
                 except Exception as exc:
-                    r["errors"]["limit"] = _error(exc)
+                    r["errors"]["limit"] = _error(exc, this)
         if cfg.runs("steady"):
             try:
                 say(f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s ...")
@@ -137,7 +147,7 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 say(f"steady state: due -> sent p99 {r['steady']['due_p99_ms']} ms; step search ...")
                 r["steady"].update(await run_step_search(cfg, pool, procs, env))
             except Exception as exc:
-                r["errors"]["steady"] = _error(exc)
+                r["errors"]["steady"] = _error(exc, this)
         if cfg.runs("api") and base_url is not None:
             try:
                 gateway = services["gateway"]
@@ -153,20 +163,20 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
                 r["api"]["batch"] = await run_batch(base_url, pool)
                 r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
             except Exception as exc:
-                r["errors"]["api"] = _error(exc)
+                r["errors"]["api"] = _error(exc, this)
         if cfg.runs("growth"):
             try:
-                r["growth"] = await run_growth(pool, list(cfg.growth), say)
+                r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
             except Exception as exc:
-                r["errors"]["growth"] = _error(exc)
+                r["errors"]["growth"] = _error(exc, this)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
-        r["errors"]["setup"] = _error(exc)
+        r["errors"]["setup"] = _error(exc, this)
     finally:
         procs.stop_all()
         if pool is not None:
             pool.close()
             await pool.wait_closed()
-        problems = await asyncio.to_thread(sandbox.remove)
+        problems = await asyncio.to_thread(sandbox.remove) if shared else []
         if problems:
             r["errors"]["cleanup"] = "; ".join(problems)
         r["seconds"] = time.monotonic() - started
@@ -185,7 +195,12 @@ def _keep(run: str, line: str, keep: int = 10) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _error(exc: BaseException) -> str:
+def _error(exc: BaseException, task: asyncio.Task[Any]) -> str:
+    """``exc`` as one line for the report (its traceback to stderr); an interruption instead when the run is
+    being cancelled (Ctrl-C, SIGTERM) and a clean-up in a library replaced the cancellation with its own error,
+    e.g. a statement on the connection the cancellation closed."""
+    if task.cancelling():
+        raise asyncio.CancelledError from exc
     say("".join(traceback.format_exception(exc)).rstrip())
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
@@ -197,7 +212,11 @@ def main() -> int:
     except (ConfigError, SettingsError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    r = asyncio.run(run(cfg, base))
+    try:
+        r = asyncio.run(run(cfg, base))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM: cleaned up, nothing to report
+        print("bench: interrupted; everything it started is stopped and removed", file=sys.stderr)
+        return 130
     s = summary(r)
     m = machine()
     versions = r.get("versions", {})

@@ -1,0 +1,154 @@
+"""The benchmark's growth phase on its private MariaDB, at a tiny size: it completes with every sample it was asked
+for, and leaves nothing behind (the server's process ended, its directory removed), also when interrupted with
+Ctrl-C half-way. What it measures at 10 M rows is for ``make bench``, not for a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from bench.config import Config, ConfigError
+from common.db import connect_kwargs
+from common.settings import Settings
+from tests.procs import ARTIFACTS, ROOT
+
+TINY = {
+    "BENCH_GROWTH": "1",
+    "BENCH_SKIP": "tracing,limit,pipeline,steady,api",
+    "BENCH_GROWTH_SERVER": "private",
+    "BENCH_GROWTH_ROWS": "2500,5000",
+    "BENCH_GROWTH_PENDING": "1000",
+    "BENCH_GROWTH_SAMPLES": "20",
+    "BENCH_GROWTH_ROUNDS": "2",
+    "BENCH_GROWTH_RETENTION": "4",
+    "BENCH_GROWTH_WARMUP": "10",
+    "BENCH_GROWTH_BUFFER_POOL": "64M",
+}
+# Python's own Ctrl-C handler, as in a terminal (a process started in the background may inherit SIGINT ignored).
+BENCH = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); runpy.run_module('bench', run_name='__main__')"  # noqa: E501
+
+
+def start_bench(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-c", BENCH], cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+        )  # fmt: skip
+
+
+def private_server(log: Path, timeout: float = 60.0) -> tuple[int, Path]:
+    """The pid and directory of the private MariaDB the bench says it started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"private MariaDB pid (\d+) on port \d+, data in (\S+),", log.read_text(errors="replace"))
+        if found:
+            return int(found[1]), Path(found[2])
+        time.sleep(0.1)
+    raise AssertionError(f"the bench never said it started its MariaDB:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # not reaped yet: ended
+
+
+def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None:
+    log = ARTIFACTS / "bench-growth" / "tiny.err"
+    bench = start_bench(TINY, log)
+    try:
+        out, _ = bench.communicate(timeout=90)
+    finally:
+        bench.kill()
+    err = log.read_text(errors="replace")
+    assert bench.returncode == 0, err[-3000:]
+    pid, directory = private_server(log)
+    assert gone(pid) and not directory.exists(), f"left behind: pid {pid}, {directory}\n{err[-2000:]}"
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["errors"] == {}
+    growth = result["growth"]
+    assert growth["server"] == "private"
+    assert growth["mysql"]["innodb_buffer_pool_size"] == str(64 * 2**20)  # the configured server, not the shared
+    for rows in ("2500", "5000"):
+        ops = growth["ops"][rows]
+        assert {op: ops[op]["n"] for op in ops} == {
+            "stats": 20, "first page": 20, "deep page": 20, "claim 2": 20, "retention batch": 4,
+        }  # fmt: skip
+        assert all(len(ops[op]["round_p99_ms"]) == 2 for op in ops)
+        assert all(ops[op]["pages"] > 0 for op in ops if op != "retention batch")  # the server's counters read
+        assert growth["sizes"][rows]["load_s"] > 0
+    table = out.decode()
+    for op in ("stats", "first page", "deep page", "claim 2", "retention batch"):
+        assert re.search(rf"^growth +{op} p99 ms at 0\.0025M / 0\.005M rows ", table, re.M), table
+    assert "p99 of each round" in table and "pages/run" in table
+
+
+def test_the_growth_phase_still_runs_on_the_shared_server_in_the_runs_own_database(base_settings: Settings) -> None:
+    log = ARTIFACTS / "bench-growth" / "shared.err"
+    bench = start_bench({**TINY, "BENCH_GROWTH_SERVER": "shared", "BENCH_GROWTH_ROWS": "2500"}, log)
+    try:
+        out, _ = bench.communicate(timeout=90)
+    finally:
+        bench.kill()
+    err = log.read_text(errors="replace")
+    assert bench.returncode == 0, err[-3000:]
+    assert "private MariaDB" not in err
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["errors"] == {}
+    growth = result["growth"]
+    assert growth["server"] == "shared" and growth["ops"]["2500"]["claim 2"]["n"] == 20
+    conn = pymysql.connect(**connect_kwargs(base_settings, with_db=False))  # type: ignore[arg-type]
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = %s", (result["run"],))
+            assert cur.fetchone() == (0,), f"the run's database {result['run']} was left on the shared server"
+            cur.execute("SELECT @@innodb_buffer_pool_size")
+            assert growth["mysql"]["innodb_buffer_pool_size"] == str(cur.fetchone()[0])  # that server's
+    finally:
+        conn.close()
+
+
+def test_ctrl_c_in_the_growth_phase_ends_its_private_server() -> None:
+    log = ARTIFACTS / "bench-growth" / "interrupted.err"
+    # While it loads the larger size (where a 10 M-row run spends minutes), with statements in flight.
+    bench = start_bench({**TINY, "BENCH_GROWTH_ROWS": "2500,400000"}, log)
+    try:
+        pid, directory = private_server(log)
+        deadline = time.monotonic() + 60
+        while "loading 400,000 rows" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGINT)
+        bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    err = log.read_text(errors="replace")
+    assert "loading 400,000 rows" in err and "loaded in" not in err.split("loading 400,000 rows")[1], err[-3000:]
+    assert bench.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    assert gone(pid), f"the private MariaDB (pid {pid}) still runs after Ctrl-C"
+    assert not directory.exists(), f"{directory} is still there after Ctrl-C"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BENCH_GROWTH_SERVER": "elsewhere"}, "must be private or shared"),
+        ({"BENCH_GROWTH_ROWS": "1500"}, "each size must be >= 2000"),
+        ({"BENCH_GROWTH_BUFFER_POOL": "lots"}, "must be a size such as 4G"),
+    ],
+)
+def test_growth_settings_are_checked(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.from_env({"BENCH_GROWTH": "1", "BENCH_GROWTH_PENDING": "1000", **env})
