@@ -73,6 +73,7 @@ class Producer:
         self.fence: Fence | None = None  # set while this replica holds the leader lease
         self.ready = False
         self.next_stale_check = 0.0
+        self.next_sweep = 0.0
         self.next_retention = 0.0
         self.db_back_at = 0.0  # when the renewal found MySQL again after failing (monotonic)
         self.last_loop = time.monotonic()
@@ -303,7 +304,11 @@ class Producer:
         every quarter lease, <= 10 s: looking scans the queued rows)."""
         s = self.settings
         swept: list[Swept] = []
-        if time.monotonic() - self.db_back_at >= SWEEP_GRACE_SECONDS:
+        # Once a second, however short the interval: a lease is the webhook timeout plus seconds, and each sweep
+        # reads every row in flight (20 sweeps a second at the bench's 0.05 s ticks read ~14,000 rows a second).
+        at = time.monotonic()
+        if at - self.db_back_at >= SWEEP_GRACE_SECONDS and at >= self.next_sweep:
+            self.next_sweep = at + MAINTENANCE_SECONDS
             swept = await self.store.sweep_sending(s.max_attempts, SWEEP_LIMIT, fence)
         report.swept = len(swept)
         if swept:
