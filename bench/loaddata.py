@@ -163,13 +163,16 @@ async def counts(pool: aiomysql.Pool) -> dict[str, int]:
         return out
 
 
+# Rows not finished yet (pending, queued or sending), from the counts by status the transitions keep (a few rows:
+# a COUNT over the rows themselves, polled four times a second, read half the table per poll on average).
+UNFINISHED = "SELECT COALESCE(SUM(n), 0) FROM message_counts WHERE status IN ('pending', 'queued', 'sending')"
+
+
 async def progress(pool: aiomysql.Pool) -> tuple[int, int]:
-    """``(unfinished rows, sent counter)``: cheap (an index range that shrinks as the run drains)."""
+    """``(unfinished rows, sent counter)``: polled four times a second during the drain, so it reads a few rows
+    and does not weigh on the server it measures; the end of the run checks every row (:func:`counts`)."""
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            "SELECT (SELECT COUNT(*) FROM messages WHERE status IN ('pending', 'queued', 'sending')),"
-            " (SELECT value FROM counters WHERE name = 'sent')"
-        )
+        await cur.execute(f"SELECT ({UNFINISHED}), (SELECT value FROM counters WHERE name = 'sent')")
         unfinished, sent = await cur.fetchone()
         return int(unfinished), int(sent or 0)
 

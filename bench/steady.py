@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import aiomysql
 
+from bench import loaddata
 from bench.config import Config
 from bench.procs import Proc, Procs, free_port, wait_healthy
 from bench.report import percentile
@@ -99,7 +100,7 @@ async def run_steady(
 
         async def drained() -> bool:
             async with pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute("SELECT COUNT(*) FROM messages WHERE status IN ('pending', 'queued', 'sending')")
+                await cur.execute(loaddata.UNFINISHED)
                 return not (await cur.fetchone())[0]
 
         deadline = time.monotonic() + 30
