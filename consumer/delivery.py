@@ -189,7 +189,7 @@ class Deliveries:
                     extra=extra,
                 )
                 continue
-            metrics.DELIVERIES.labels(outcome.kind).inc()
+            metrics.delivered(outcome.kind)
             if outcome.kind == "sent":
                 if log.isEnabledFor(logging.INFO):  # the masking is not paid for when nobody reads it
                     log.info(

@@ -1,5 +1,7 @@
 """Prometheus metrics of the consumer."""
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 DELIVERIES = Counter("consumer_deliveries_total", "Deliveries by outcome", ["outcome"])
@@ -28,3 +30,23 @@ FALLBACK_ATTEMPTS = Counter(
 CONTROL_WAITS = Counter(
     "consumer_delivery_control_waits_total", "Deliveries told to wait before sending, by reason", ["reason"]
 )
+
+
+_ANSWERED: dict[int | str, Any] = {}  # the child of WEBHOOK_ANSWERS per status: labels() takes a lock and a lookup
+_DELIVERED: dict[str, Any] = {}
+
+
+def answered(status: int | str) -> None:
+    """Count a webhook answer (an HTTP status, or ``error``); one label child per status, made once."""
+    child = _ANSWERED.get(status)
+    if child is None:
+        child = _ANSWERED[status] = WEBHOOK_ANSWERS.labels(str(status))
+    child.inc()
+
+
+def delivered(outcome: str) -> None:
+    """Count a recorded delivery by outcome (``sent``, ``retry``, ``failed``)."""
+    child = _DELIVERED.get(outcome)
+    if child is None:
+        child = _DELIVERED[outcome] = DELIVERIES.labels(outcome)
+    child.inc()

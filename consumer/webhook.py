@@ -184,13 +184,14 @@ class Webhook:
                 trace_request_ctx=progress,
             ) as resp:
                 status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"), utcnow())
+                if (header := resp.headers.get("Retry-After")) is not None:
+                    retry_after = parse_retry_after(header, utcnow())
                 location = resp.headers.get("Location")
                 body = await _read_body(resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if status is not None:  # the service answered; only its body was cut: the status decides
                 return self._answered(row, token, attempt, started, status, retry_after, b"", location)
-            metrics.WEBHOOK_ANSWERS.labels("error").inc()
+            metrics.answered("error")
             what = describe_exception(exc)
             if not progress.sent:
                 where = "while connecting" if not progress.connected else "before the request was written"
@@ -211,7 +212,7 @@ class Webhook:
         body: bytes,
         location: str | None,
     ) -> Outcome:
-        metrics.WEBHOOK_ANSWERS.labels(str(status)).inc()
+        metrics.answered(status)
         finished = utcnow()
         done: Callable[..., Outcome] = lambda kind, **kw: Outcome(  # noqa: E731
             row.id, kind, attempt, token, started, finished, status, **kw
