@@ -6,6 +6,21 @@ import datetime as dt
 from collections.abc import Sequence
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+
+def connect(url: str, timeout_seconds: float) -> redis.Redis:
+    """A Redis client as every service uses it, each wait bounded by ``timeout_seconds``. A pooled
+    connection Redis closed (it restarted) fails once when next used: that command is sent again at once on
+    a fresh connection, so a restart is not taken for an outage. A timeout is not sent again (a hung server
+    would cost twice the wait)."""
+    return redis.from_url(
+        url,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+    )
 
 
 def breaker_key(prefix: str) -> str:

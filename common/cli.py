@@ -8,7 +8,7 @@ import logging
 import random
 import sys
 
-from common.cache import MessageCache
+from common.cache import MessageCache, connect
 from common.db import create_pool
 from common.errors import SettingsError
 from common.logs import secrets_of, setup_logging
@@ -65,10 +65,8 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _backfill(settings: Settings, args: argparse.Namespace) -> None:
     """Write ``message:<messageId>`` for every sent row (after a Redis outage or flush)."""
-    import redis.asyncio as redis
-
     pool = await create_pool(settings)
-    client = redis.from_url(settings.redis_url.reveal())
+    client = connect(settings.redis_url.reveal(), 30.0)  # a batch of 1,000 entries per command
     try:
         store = MessageStore(pool)
         cache = MessageCache(client, settings.cache_ttl_seconds, settings.redis_prefix)

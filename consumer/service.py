@@ -16,13 +16,10 @@ import time
 import aio_pika
 import aiomysql
 import orjson
-import redis.asyncio as redis
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from common import topology, tracing
-from common.cache import MessageCache
+from common.cache import MessageCache, connect
 from common.db import SERVICE_READ_TIMEOUT_SECONDS, pool_ctx
 from common.metrics import start_listener
 from common.migrations import migrate
@@ -35,6 +32,7 @@ from consumer.control import Control
 from consumer.delivery import Deliveries
 from consumer.webhook import Webhook
 
+REDIS_TIMEOUT_SECONDS = 5.0  # one Redis command (the cache, the delivery control), connecting included
 log = logging.getLogger(__name__)
 
 MAX_IDS = 10_000
@@ -62,18 +60,6 @@ def parse_body(body: bytes) -> list[int] | None:
     return None
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """The consumer's Redis client (the cache and delivery control). A pooled connection Redis closed (it
-    restarted) fails once when next used: that command is sent again at once on a fresh connection, so it is
-    not taken for an outage. A timeout is not sent again (a hung server would cost twice the wait)."""
-    return redis.from_url(
-        settings.redis_url.reveal(),
-        socket_timeout=5,
-        socket_connect_timeout=5,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-    )
-
-
 class Consumer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -93,7 +79,7 @@ class Consumer:
                 pool_ctx(s, maxsize=8, read_timeout=SERVICE_READ_TIMEOUT_SECONDS)
             )
             await migrate(pool)
-            client = redis_client(s)
+            client = connect(s.redis_url.reveal(), REDIS_TIMEOUT_SECONDS)
             stack.push_async_callback(client.aclose)
             self.cache = CacheWriter(MessageCache(client, s.cache_ttl_seconds, s.redis_prefix))
             session = Webhook.open_session(s)

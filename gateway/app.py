@@ -9,10 +9,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import aio_pika
-import redis.asyncio as redis
 from aiohttp import web
 from yarl import URL
 
+from common.cache import connect
 from common.settings import Settings, mask_url
 from common.store import MessageStore
 from gateway import dashboard, dispatch, health, messages
@@ -39,6 +39,7 @@ from gateway.mysql import STARTUP_WAIT_SECONDS, MysqlLink
 from gateway.paging import PageCache
 from gateway.spec import setup_swagger
 
+REDIS_TIMEOUT_SECONDS = 2.0  # one Redis command (/readyz, the breaker in /stats), connecting included
 log = logging.getLogger(__name__)
 
 AMQP_RETRY_SECONDS = 5.0
@@ -65,7 +66,7 @@ async def mysql_ctx(app: web.Application) -> AsyncIterator[None]:
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client: connections are opened lazily, so an unreachable Redis shows in /readyz."""
     url = app[SETTINGS].redis_url.reveal()
-    client = redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    client = connect(url, REDIS_TIMEOUT_SECONDS)
     app[REDIS] = client
     log.info("redis client for %s", mask_url(url))
     try:

@@ -23,11 +23,12 @@ from standardwebhooks.webhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from common import topology
+from common.cache import connect
 from common.errors import SettingsError
 from common.settings import Secret, Settings
 from common.store import MessageStore
 from consumer.control import GRACE, MAX_SLOT_WAIT, SETTLE_SECONDS, Control, Slots, Ticket
-from consumer.service import Consumer, redis_client
+from consumer.service import REDIS_TIMEOUT_SECONDS, Consumer
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, outage, ready, start, wait_finished
 from tests.conftest import sql
@@ -448,7 +449,7 @@ async def test_one_line_when_redis_goes_and_one_when_it_is_back(
     between and nothing after, although every pooled connection the restart closed fails once when next used
     and the first calls after the restart race the last failing ones."""
     caplog.set_level(logging.INFO, logger="consumer.control")
-    client = redis_client(dataclasses.replace(settings))
+    client = connect(settings.redis_url.reveal(), REDIS_TIMEOUT_SECONDS)
     control = Control(dataclasses.replace(settings, webhook_rate_limit_per_second=50), client, "test")
 
     async def burst(n: int) -> None:

@@ -17,7 +17,9 @@ from common.settings import Secret, Settings
 from common.store import MessageStore
 from gateway.app import create_app
 from gateway.auth import is_public
+from tests.chaos_helpers import outage
 from tests.conftest import sql
+from tests.private_servers import PrivateServer
 from tests.procs import free_port
 
 Client = TestClient[Any, Any]
@@ -404,6 +406,25 @@ async def test_readyz_names_unreachable_dependencies(
     checks = error["details"]["checks"]
     assert checks["mysql"] == "ok" and checks["redis"].startswith("down") and checks["rabbitmq"].startswith("down")
     assert (await client.get("/messages")).status == 200, "MySQL-backed reads still work"
+
+
+@pytest.mark.private("redis")
+async def test_readyz_does_not_report_a_restarted_redis_as_down(
+    aiohttp_client: Any, settings: Settings, store: MessageStore, private_redis: PrivateServer
+) -> None:
+    """A Redis restart closes the gateway's pooled connection; the next /readyz (and /stats' breaker) sends
+    its command again on a fresh connection instead of reporting Redis down until a second request."""
+    client = await aiohttp_client(create_app(settings))
+
+    async def redis_check() -> str:
+        resp = await client.get("/readyz")
+        body = await resp.json()
+        return str((body.get("checks") or body["error"]["details"]["checks"])["redis"])
+
+    assert await redis_check() == "ok"  # a connection in the pool
+    async with outage(private_redis) as server:
+        await server.start()  # the pooled connection is now closed by the server
+    assert await redis_check() == "ok", "the first check after a restart counted the closed connection as down"
 
 
 async def test_metrics_count_requests_by_route_template(client: Client, store: MessageStore) -> None:
