@@ -411,9 +411,14 @@ async def migrate(pool: aiomysql.Pool, upto: int = LATEST) -> list[int]:
                     (number, name, checksum(statements)),
                 )
                 applied.append(number)
-        finally:
-            await cur.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.migrations'))")
-            await cur.fetchone()
+        except BaseException:
+            # A statement may be unfinished (cancelled by a stop, timed out, the connection lost): this
+            # connection cannot run another one. Closing it ends the session, which frees the lock once the
+            # server is done with that statement (each statement may be applied again: ALREADY_DONE).
+            conn.close()
+            raise
+        await cur.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.migrations'))")
+        await cur.fetchone()
     if applied:
         log.info("schema migrated to version %d", LATEST)
     return applied

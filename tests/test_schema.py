@@ -20,6 +20,7 @@ from common.migrations import (
 )
 from common.settings import Settings
 from tests.conftest import sql
+from tests.procs import wait_for
 
 
 async def test_migrating_twice_is_a_no_op(pool: aiomysql.Pool) -> None:
@@ -37,6 +38,53 @@ async def test_concurrent_migrators_end_with_one_schema(settings: Settings) -> N
     assert sorted(len(r) for r in results) == [0, 0, 0, len(MIGRATIONS)]
     rows = await sql(settings, "SELECT version FROM schema_migrations ORDER BY version")
     assert rows == [(number,) for number, _, _ in MIGRATIONS] and rows[-1] == (LATEST,)
+
+
+@pytest.mark.parametrize("waiting_for", ["the migration lock", "a table lock"])
+async def test_a_migration_cancelled_while_it_waits_ends_cleanly(settings: Settings, waiting_for: str) -> None:
+    """A service stopped (cancelled) while its migration waits: for the lock (another replica migrates), or
+    in a statement (a long transaction holds the table). It ends with the cancellation alone (no second error
+    from releasing the lock on a connection that is mid-statement), its connection is not put back half-read,
+    and the next start finishes the migration."""
+    pool = await create_pool(settings, minsize=1, maxsize=1)  # creates the database
+    holder = await aiomysql.connect(**connect_kwargs(settings))  # type: ignore[arg-type]
+    try:
+        async with holder.cursor() as cur:
+            if waiting_for == "the migration lock":
+                await cur.execute("SELECT GET_LOCK(CONCAT(DATABASE(), '.migrations'), 0)")
+                watched, left = "SELECT GET_LOCK%", [n for n, _, _ in MIGRATIONS]
+            else:  # the last migration's first statement waits for the table that a transaction reads
+                await migrate(pool, upto=LATEST - 1)
+                await cur.execute("START TRANSACTION")
+                await cur.execute("SELECT COUNT(*) FROM messages")
+                watched, left = "ALTER TABLE%", [LATEST]
+        task = asyncio.ensure_future(migrate(pool))
+
+        async def waiting() -> bool:
+            rows = await sql(
+                settings,
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s AND INFO LIKE %s",
+                (settings.mysql_database, watched),
+            )
+            return bool(rows[0][0])
+
+        await wait_for(waiting, 10, f"the migration to wait for {waiting_for}")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with holder.cursor() as cur:
+            await cur.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.migrations'))")
+            await cur.execute("COMMIT")
+        async with pool.acquire() as conn, conn.cursor() as cur:  # the pool's one connection, or a new one
+            await cur.execute("SELECT 42")
+            assert await cur.fetchone() == (42,)
+        assert await asyncio.wait_for(migrate(pool), 30) == left
+        rows = await sql(settings, "SELECT version FROM schema_migrations ORDER BY version")
+        assert rows[-1] == (LATEST,) and len(rows) == len(MIGRATIONS)
+    finally:
+        holder.close()
+        pool.close()
+        await pool.wait_closed()
 
 
 async def test_an_edited_applied_migration_stops_the_start(pool: aiomysql.Pool, settings: Settings) -> None:
