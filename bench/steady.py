@@ -69,8 +69,13 @@ async def run_steady(
     store = MessageStore(pool)
     await store.set_sending(False)
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("DELETE FROM messages")  # the previous phase's rows (the counts follow: recount)
-    await store.recount()
+        # The previous phase's rows go by TRUNCATE, not DELETE: a DELETE of the drain's 100,000 rows leaves as
+        # many delete-marked entries in every index for InnoDB's purge, and while it works through them the
+        # claim's range scan steps over them: due -> sent p99 3.2 s instead of 0.13 s, measured. (No user
+        # deletes like that: retention removes 1,000 rows a transaction.)
+        await cur.execute("TRUNCATE TABLE messages")
+        await cur.execute("TRUNCATE TABLE message_attempts")
+    await store.recount()  # TRUNCATE bypasses the counts
     batch = max(1, math.ceil(rate * INTERVAL * 1.5))  # half again what a tick must carry: claims keep up
     standin = procs.standin(f"standin-steady-{rate:g}", {})
     webhook = f"http://127.0.0.1:{standin.port}"
