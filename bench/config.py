@@ -45,8 +45,8 @@ PHASES = ("tracing", "limit", "pipeline", "steady", "api")
 BAR_STEADY_CLAIM_P99_MS = 100.0
 BAR_CREATE_RPS = 2000.0
 BAR_STEADY_DUE_P99_MS = 50.0 + 150.0  # the interval of the phase (0.05 s) + 150 ms
-BAR_THROUGHPUT = 2000.0
-BAR_RATIO = 0.25
+BAR_THROUGHPUT = 2500.0  # raised in the spec (turn 2, issue 18) from 2,000
+BAR_RATIO = 0.45  # raised from 0.25: against the mean of the raw HTTP rates before and after the drain
 # The tracing hooks with tracing off, as a share of a drained message's CPU: within the drain's noise.
 BAR_TRACING_OFF_SHARE = 0.01
 BAR_LIST_RPS = 2000.0
