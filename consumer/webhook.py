@@ -16,17 +16,15 @@ Error texts are built from parts that cannot carry the webhook's URL (a webhook.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import datetime as dt
 import errno
 import logging
 import os
-import socket
+import select
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,27 +45,22 @@ MAX_REMOTE_ID = 128
 MAX_ERROR = 1000
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 KEEPALIVE_SECONDS = 15.0  # below the idle timeout of common servers (nginx, aiohttp 75 s; many 60 s; some 20 s)
+_IDLE_EVENTS = select.POLLIN | select.POLLERR | select.POLLHUP
 
 
 def _peer_closed(transport: asyncio.BaseTransport | None) -> bool:
-    """Whether the other end already closed this idle pooled connection (EOF or reset waiting unread)."""
+    """Whether the other end already closed this idle pooled connection: its socket is readable (an EOF, a reset
+    or bytes nobody asked for, which on an idle HTTP/1.1 connection only come before a close) or in error."""
     raw = transport.get_extra_info("socket") if transport is not None else None
     if raw is None:
         return True
-    # A second socket object on the same descriptor (family, type and protocol given, so no syscalls to
-    # learn them; detached afterwards, so it never closes the descriptor): one recv per reused connection.
+    # One poll(2) with no wait on the descriptor (about 1 us; a peek through a second socket object cost 12 us).
     try:
-        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
-    except OSError:
+        poller = select.poll()
+        poller.register(raw.fileno(), _IDLE_EVENTS)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
         return True  # no usable descriptor: dropped like a closed one (its pool slot comes back)
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False  # nothing to read: the connection is alive
-    except OSError:
-        return True
-    finally:
-        sock.detach()
 
 
 class FreshConnector(aiohttp.TCPConnector):
@@ -76,45 +69,29 @@ class FreshConnector(aiohttp.TCPConnector):
     like an unknown outcome. Such a connection is dropped and another one taken (closed before the request
     went out). What remains is a close racing the request within one round trip, counted as unknown."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
-
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         while True:
             conn = await super().connect(req, traces, timeout)
-            proto = conn.protocol
-            if proto is None or proto not in self._seen:
-                if proto is not None:
-                    self._seen.add(proto)
-                return conn
-            if not _peer_closed(conn.transport):
+            if not _peer_closed(conn.transport):  # a new connection passes at once: nothing to read yet
                 return conn
             conn.close()  # not back into the pool: the server is gone from it
 
 
-@dataclass
-class Progress:
-    """How far one request got, from aiohttp's tracing signals."""
-
-    connected: bool = False
-    sent: bool = False  # the request's headers were written: the service may have it from here on
+# Set around each request: the request marks it once aiohttp has a connection for it and starts writing.
+_WRITING: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("webhook_writing")
 
 
-def _tracer() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request, noting (in the delivery's :data:`_WRITING` flag) the moment it starts writing on a
+    connection: from there on the service may have it. Before, a failure (connecting, a pooled connection
+    the server closed, a connect timeout) provably sent nothing. It replaces a ``TraceConfig``, whose dozen
+    signals a request cost a fifth of the client's CPU (92,000 of 477,000 instructions a request, callgrind)."""
 
-    async def connected(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
-        ctx.trace_request_ctx.connected = True
-
-    async def sent(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
-        ctx.trace_request_ctx.sent = True
-
-    trace.on_connection_create_end.append(connected)
-    trace.on_connection_reuseconn.append(connected)
-    trace.on_request_headers_sent.append(sent)
-    trace.freeze()
-    return trace
+    async def send(self, conn: Any) -> aiohttp.ClientResponse:
+        flag = _WRITING.get(None)
+        if flag is not None:
+            flag[0] = True
+        return await super().send(conn)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -152,7 +129,7 @@ class Webhook:
         return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_seconds),
             connector=FreshConnector(limit=settings.consumer_concurrency, keepalive_timeout=KEEPALIVE_SECONDS),
-            trace_configs=[_tracer()],
+            request_class=_Request,
         )
 
     async def deliver(self, row: Delivery, token: int, fallback: bool = False) -> Outcome:
@@ -164,7 +141,7 @@ class Webhook:
     async def _deliver(self, row: Delivery, token: int, fallback: bool) -> Outcome:
         attempt = row.attempts + 1
         started, t0 = utcnow(), time.perf_counter()
-        progress = Progress()
+        writing = [False]
         status: int | None = None
         retry_after: float | None = None
         location: str | None = None
@@ -175,14 +152,9 @@ class Webhook:
         target = self.fallback_url if fallback else self.url
         if target is None:
             raise RuntimeError("a fallback delivery without WEBHOOK_FALLBACK_URL")
+        mark = _WRITING.set(writing)
         try:
-            async with self.session.post(
-                target,
-                data=payload,
-                headers=headers,
-                allow_redirects=False,
-                trace_request_ctx=progress,
-            ) as resp:
+            async with self.session.post(target, data=payload, headers=headers, allow_redirects=False) as resp:
                 status = resp.status
                 if (header := resp.headers.get("Retry-After")) is not None:
                     retry_after = parse_retry_after(header, utcnow())
@@ -193,11 +165,12 @@ class Webhook:
                 return self._answered(row, token, attempt, started, status, retry_after, b"", location)
             metrics.answered("error")
             what = describe_exception(exc)
-            if not progress.sent:
-                where = "while connecting" if not progress.connected else "before the request was written"
-                return self._retry_or_fail(row, token, attempt, started, None, f"not sent: {what} {where}", None)
+            if not writing[0]:
+                error = f"not sent: {what} while connecting"
+                return self._retry_or_fail(row, token, attempt, started, None, error, None)
             return self._unknown(row, token, attempt, started, f"{what} after the request was written")
         finally:
+            _WRITING.reset(mark)
             metrics.LATENCY.observe(time.perf_counter() - t0)
         return self._answered(row, token, attempt, started, status, retry_after, body, location)
 
