@@ -270,7 +270,7 @@ async def measure(cfg: Config, sizes: list[Size], say: Say) -> tuple[Measured, d
         "page_requests": after[COUNTERS[0]] - before[COUNTERS[0]],
         "disk_reads": after[COUNTERS[1]] - before[COUNTERS[1]],
     }
-    work = {(s.rows, op): await work_of(pool, ops[s.rows][op]) for s in sizes for op in READ_OPERATIONS}
+    accounted = {(s.rows, op): await work_of(pool, ops[s.rows][op]) for s in sizes for op in READ_OPERATIONS}
     say(f"growth: {cfg.growth_retention} retention batches of {RETENTION_BATCH:,} per size")
     per_round = math.ceil(cfg.growth_retention / cfg.growth_rounds)
     for r in range(cfg.growth_rounds):
@@ -285,11 +285,11 @@ async def measure(cfg: Config, sizes: list[Size], say: Say) -> tuple[Measured, d
            for s in sizes}  # fmt: skip
     for s in sizes:
         for op in READ_OPERATIONS:
-            out[str(s.rows)][op].update(work[s.rows, op])
+            out[str(s.rows)][op].update(accounted[s.rows, op])
     return out, pool_reads
 
 
-async def work_of(pool: aiomysql.Pool, work: Callable[[], Awaitable[object]]) -> dict[str, float]:
+async def work_of(pool: aiomysql.Pool, work: Callable[[], Awaitable[object]]) -> dict[str, Any]:
     """Pages requested from the buffer pool, pages read from disk and the handler's row reads by one run of
     ``work``, as the server counts them (the mean of :data:`ACCOUNTED` runs, after the purge of earlier changes
     caught up, for up to 10 s: the purge threads request pages as well)."""

@@ -221,8 +221,8 @@ def table(r: dict[str, Any], s: dict[str, Any]) -> str:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
             lines.append(f"CPU per message, µs (machine {1e4 * whole / thr:.0f}): {parts}")
     for name, top in sorted((pipe or {}).get("profile", {}).items()):
-        shown = [f"{own:.1f}% {func}" for func, _, own in sorted(top, key=lambda t: -t[2])[:6]]
-        lines.append(f"profile {name}, most self time: " + "; ".join(shown))
+        leaders = [f"{own:.1f}% {func}" for func, _, own in sorted(top, key=lambda t: -t[2])[:6]]
+        lines.append(f"profile {name}, most self time: " + "; ".join(leaders))
     for key in ("first", "deep_cursor", "deep_offset"):
         cpu = ((api or {}).get(key) or {}).get("cpu_percent")
         if cpu:
@@ -296,7 +296,7 @@ def growth_lines(growth: dict[str, Any]) -> list[str]:
         "pages/run",
         "handler reads/run",
     )
-    table = [header]
+    table: list[tuple[str, ...]] = [header]
     for op in GROWTH_OPERATIONS:
         for n in sizes:
             o = ops[n][op]
