@@ -16,9 +16,13 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from bench import loaddata
 from bench.config import Config, ConfigError
-from common.db import connect_kwargs
+from common.db import connect_kwargs, create_pool
+from common.migrations import migrate
+from common.queries import MessageQueries
 from common.settings import Settings
+from common.store import MessageStore
 from tests.procs import ARTIFACTS, ROOT
 
 TINY = {
@@ -152,3 +156,34 @@ def test_ctrl_c_in_the_growth_phase_ends_its_private_server() -> None:
 def test_growth_settings_are_checked(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.from_env({"BENCH_GROWTH": "1", "BENCH_GROWTH_PENDING": "1000", **env})
+
+
+async def test_the_bench_loads_count_their_rows_and_a_failed_one_leaves_nothing(settings: Settings) -> None:
+    """The bench's bulk loads switch the insert trigger's count off for their own transaction and count the rows
+    themselves: the counts by status match the rows after each load. A load that fails half-way is rolled back
+    whole (the table it emptied stays empty, with its counts right), and its connection (the pool's only one here)
+    has the trigger count the next rows it inserts again."""
+    p = await create_pool(settings, maxsize=1)
+    await migrate(p)
+    kept = MessageQueries(p)
+
+    async def stored() -> dict[str, int]:
+        return {k: n for k, n in (await kept.counts_by_status()).items() if k != "cancelled"}
+
+    try:
+        await loaddata.load_sent(p, 30)
+        await loaddata.append_pending(p, 20)
+        await loaddata.append_sent(p, 5)
+        assert await loaddata.counts(p) == {"pending": 20, "queued": 0, "sending": 0, "sent": 35, "failed": 0}
+        assert await stored() == await loaddata.counts(p), "the counts by status follow the rows"
+        with pytest.raises(pymysql.err.OperationalError, match="no_such_column"):
+            await loaddata._bulk(
+                p, 10, "INSERT INTO messages (recipient, content) SELECT 'x', no_such_column FROM {seq}"
+            )
+        assert await loaddata.counts(p) == dict.fromkeys(("pending", "queued", "sending", "sent", "failed"), 0)
+        assert await stored() == await loaddata.counts(p)
+        await MessageStore(p).create("+905551112233", "counted by the trigger")  # the failed load's connection
+        assert (await stored())["pending"] == 1
+    finally:
+        p.close()
+        await p.wait_closed()
