@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from common import topology
+from common.settings import Settings
+from consumer.service import Consumer
 from deploy.devsupport import ROOT, Process, free_port, wait_for
 
 ARTIFACTS = ROOT / "test-artifacts"
 Service = Process  # one service as a real process, its output in a log file
 
-__all__ = ["ARTIFACTS", "ROOT", "Cluster", "Service", "StandIn", "free_port", "wait_for"]
+__all__ = ["ARTIFACTS", "ROOT", "Cluster", "Service", "StandIn", "consumer_in_process", "free_port", "wait_for"]
+
+
+@contextlib.asynccontextmanager
+async def consumer_in_process(settings: Settings) -> AsyncIterator[topology.Topology]:
+    """A consumer running in this test's process with ``settings`` (so a test can reach into it), consuming
+    before this yields, and a channel of the same topology to publish ids to it; stopped and waited for after."""
+    stop = asyncio.Event()
+    consumer = Consumer(settings)
+    task = asyncio.get_running_loop().create_task(consumer.run(stop))
+
+    async def consuming() -> bool:
+        if task.done():
+            task.result()  # a consumer that failed to start raises here, not as a timeout
+        return consumer.ready
+
+    await wait_for(consuming, 20, "the consumer to consume")
+    conn = await topology.connect(settings.amqp_url.reveal())
+    try:
+        yield await topology.open_channel(conn, queue_type=settings.amqp_queue_type)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await conn.close()
 
 
 class Cluster:

@@ -28,12 +28,12 @@ from common.errors import SettingsError
 from common.settings import Secret, Settings
 from common.store import MessageStore
 from consumer.control import GRACE, MAX_SLOT_WAIT, SETTLE_SECONDS, Control, Slots, Ticket
-from consumer.service import REDIS_TIMEOUT_SECONDS, Consumer
+from consumer.service import REDIS_TIMEOUT_SECONDS
 from consumer.signing import Signer
 from tests.chaos_helpers import assert_accounting, counts, insert, logged, outage, ready, start, wait_finished
 from tests.conftest import sql
 from tests.private_servers import PrivateServer
-from tests.procs import ARTIFACTS, Cluster, Service, StandIn, free_port, wait_for
+from tests.procs import ARTIFACTS, Cluster, Service, StandIn, consumer_in_process, free_port, wait_for
 from tests.test_rate_and_failover import most_in_any_window
 
 
@@ -367,17 +367,8 @@ async def limited(settings: Settings, standin: StandIn) -> AsyncIterator[tuple[S
         webhook_rate_limit_per_second=2,
         consumer_metrics_port=0,
     )
-    stop = asyncio.Event()
-    consumer = Consumer(s)
-    task = asyncio.get_running_loop().create_task(consumer.run(stop))
-    await wait_for(lambda: _value(consumer.ready), 20, "the consumer to consume")
-    conn = await topology.connect(s.amqp_url.reveal())
-    try:
-        yield s, await topology.open_channel(conn, queue_type=s.amqp_queue_type)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await conn.close()
+    async with consumer_in_process(s) as channel:
+        yield s, channel
 
 
 async def _value(v: Any) -> Any:

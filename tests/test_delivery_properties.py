@@ -9,7 +9,6 @@ stand-in plays them, and the real consumer (in this process, on the real MySQL a
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 from collections.abc import AsyncIterator
@@ -24,9 +23,8 @@ from hypothesis import strategies as st
 from common import topology
 from common.settings import Secret, Settings
 from common.store import MessageStore
-from consumer.service import Consumer
 from tests.conftest import sql
-from tests.procs import StandIn, wait_for
+from tests.procs import StandIn, consumer_in_process, wait_for
 
 TIMEOUT = 0.3  # WEBHOOK_TIMEOUT_SECONDS of the consumer under test
 # Text a JSON document can carry (no lone surrogates); header values also without control characters.
@@ -83,21 +81,8 @@ async def rig(settings: Settings, store: MessageStore, standin: StandIn, request
         delivery_guarantee=guarantee,
         consumer_metrics_port=0,
     )
-    stop = asyncio.Event()
-    consumer = Consumer(s)
-    task = asyncio.get_running_loop().create_task(consumer.run(stop))
-    await wait_for(lambda: _value(consumer.ready), 20, "the consumer to consume")
-    conn = await topology.connect(s.amqp_url.reveal())
-    try:
-        yield Rig(s, store, standin, await topology.open_channel(conn, queue_type=s.amqp_queue_type))
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await conn.close()
-
-
-async def _value(v: Any) -> Any:
-    return v
+    async with consumer_in_process(s) as channel:
+        yield Rig(s, store, standin, channel)
 
 
 async def _settled(settings: Settings, ids: list[int]) -> list[tuple[Any, ...]] | None:
