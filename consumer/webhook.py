@@ -24,6 +24,7 @@ import logging
 import os
 import select
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,12 +68,25 @@ class FreshConnector(aiohttp.TCPConnector):
     """A pooled connection is only reused when its server has not closed it already: a request written to a
     connection the server closed while it sat idle never reaches the service, but its failure would look
     like an unknown outcome. Such a connection is dropped and another one taken (closed before the request
-    went out). What remains is a close racing the request within one round trip, counted as unknown."""
+    went out). What remains is a close racing the request within one round trip, counted as unknown.
+
+    Only a reused connection is looked at: a new one is used as it is, so the loop ends after at most the
+    pooled connections. (Looking at new ones too would open connection after connection, for the whole
+    request timeout, to a server that closes or speaks first on every new connection.)"""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         while True:
             conn = await super().connect(req, traces, timeout)
-            if not _peer_closed(conn.transport):  # a new connection passes at once: nothing to read yet
+            proto = conn.protocol
+            if proto is None or proto not in self._seen:
+                if proto is not None:
+                    self._seen.add(proto)
+                return conn
+            if not _peer_closed(conn.transport):
                 return conn
             conn.close()  # not back into the pool: the server is gone from it
 
