@@ -285,8 +285,9 @@ async def test_with_a_fallback_the_outage_goes_through_the_fallback_once(
 async def test_a_limit_above_a_thousand_per_second_keeps_its_spacing(settings: Settings, redis_client: Any) -> None:
     """The slots are spaced in microseconds: at 5,000/s, 30 requests asked for in one burst (a pipeline: the
     server runs them back to back) get slots 0.2 ms apart, ~6 ms in all (a spacing in whole ms would be 0).
-    The delays are measured from the server's clock at each call, so a burst the server was descheduled in
-    (a busy machine) is run again on fresh keys: the claim is about the spacing, not about the machine."""
+    Each delay is measured from the server's clock at its call, so the server's ``TIME`` is read between the
+    calls, and a burst in which the server stalled between two calls for longer than a slot (a busy machine)
+    is run again on fresh keys: the claim is about the spacing, not about the machine."""
     for attempt in range(20):
         limited = Settings.from_env(
             {"REDIS_PREFIX": f"{settings.redis_prefix}{attempt}:", "WEBHOOK_RATE_LIMIT_PER_SECOND": "5000"},
@@ -298,13 +299,14 @@ async def test_a_limit_above_a_thousand_per_second_keeps_its_spacing(settings: S
             pipe.time()
             for _ in range(30):
                 await control.admit_script(keys=control.keys, args=control.admit_args(), client=pipe)
-            pipe.time()
-            first, *answers, last = await pipe.execute()
-        took_ms = (last[0] - first[0]) * 1000 + (last[1] - first[1]) / 1000
-        if took_ms < 1.0:  # the burst ran uninterrupted
+                pipe.time()
+            out = await pipe.execute()
+        clock = [seconds * 1_000_000 + micros for seconds, micros in out[0::2]]
+        answers = out[1::2]
+        if max(b - a for a, b in itertools.pairwise(clock)) < 150:  # µs: no stall as long as a slot's spacing
             break
     else:
-        pytest.fail("the Redis server never ran 30 calls within 1 ms")
+        pytest.fail("the Redis server stalled within every one of 20 bursts")
     delays = [int(a[1]) for a in answers]
     assert delays == sorted(delays) and 4 <= delays[-1] <= 7, delays
 
