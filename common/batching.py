@@ -34,11 +34,13 @@ class Batcher(Generic[T, R]):
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def submit(self, item: T) -> R:
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` for a flush; the future is its result. A future, not a coroutine that awaits it: a
+        caller awaits it directly, with no extra frame to pass through when it is resumed."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future, contextvars.copy_context()))
         self._maybe_start()
-        return await future
+        return future
 
     def _maybe_start(self) -> None:
         if self._waiting and self._slots > 0 and not self._starting:

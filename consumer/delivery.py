@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from common import tracing
 from common.batching import Batcher
@@ -73,11 +74,16 @@ class Deliveries:
         self.db_down = False
         self.last_progress = time.monotonic()  # when an outcome was last committed (for /healthz)
 
-    async def process(self, message_id: int, traceparent: str | None = None) -> bool:
+    def process(self, message_id: int, traceparent: str | None = None) -> Coroutine[Any, Any, bool]:
         """Take one id through the steps above; False if the id is unknown (no such row). With tracing on, in
-        a span whose parent is the producer's publish span (``traceparent``, from the AMQP headers)."""
+        a span whose parent is the producer's publish span (``traceparent``, from the AMQP headers). Off, the
+        delivery's own coroutine is returned, not wrapped in another: every resumption of a delivery passes
+        through each coroutine it awaits in, so a layer that only forwards costs on every step of the request."""
         if not tracing.enabled():
-            return await self._process(message_id)
+            return self._process(message_id)
+        return self._traced(message_id, traceparent)
+
+    async def _traced(self, message_id: int, traceparent: str | None) -> bool:
         with tracing.span("consumer delivery", parent=traceparent, root=True, attributes={"message.id": message_id}):
             return await self._process(message_id)
 
@@ -87,7 +93,13 @@ class Deliveries:
             # Delivery control waits here, before the compare-and-set: a waiting message spends no attempt.
             ticket = await self.control.admit() if self.control is not None else None
             with tracing.span("compare-and-set", attributes={"message.id": message_id}):
-                row = await self._persist(lambda: self.starts.submit((message_id, token)), "compare-and-set")
+                start = functools.partial(self.starts.submit, (message_id, token))
+                try:
+                    row = await start()
+                except Exception as exc:
+                    row = await self._persist_after(exc, start, "compare-and-set")
+                if self.db_down:
+                    self._answers_again()
             if row is None:
                 return False
             if not row.won_by(token):
@@ -112,7 +124,13 @@ class Deliveries:
             if ticket is not None:
                 await self._report(ticket, outcome)
         with tracing.span("outcome commit", attributes={"message.id": message_id, "outcome": outcome.kind}):
-            await self._persist(lambda: self.finishes.submit((outcome, row)), "outcome commit")
+            finish = functools.partial(self.finishes.submit, (outcome, row))
+            try:
+                await finish()
+            except Exception as exc:
+                await self._persist_after(exc, finish, "outcome commit")
+            if self.db_down:
+                self._answers_again()
         return True
 
     async def _give_back(self, message_id: int, token: int) -> None:
@@ -139,26 +157,43 @@ class Deliveries:
         await self.finishes.aclose()
 
     async def _persist(self, work: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run database work until it succeeds. An outage (:func:`~common.db.is_transient`) is retried and
-        logged once for the whole consumer, with the retry plan, and once when MySQL answers again; any
-        other error is raised with its number and message (a bug or a misconfiguration, not an outage)."""
+        """Run database work until it succeeds (see :meth:`_persist_after`)."""
+        try:
+            result = await work()
+        except Exception as exc:
+            return await self._persist_after(exc, work, what)
+        if self.db_down:
+            self._answers_again()
+        return result
+
+    async def _persist_after(self, first: Exception, work: Callable[[], Awaitable[T]], what: str) -> T:
+        """Database work whose first run raised ``first``, run again until it succeeds. An outage
+        (:func:`~common.db.is_transient`) is retried and logged once for the whole consumer, with the retry
+        plan, and once when MySQL answers again; any other error is raised with its number and message (a bug
+        or a misconfiguration, not an outage). The first run is the caller's own ``await`` (the delivery
+        steps): a helper coroutine around it would be one more frame that every resumption passes through."""
+        exc: Exception = first
         delay = 0.2
         while True:
+            if not is_transient(exc):
+                raise exc
+            if not self.db_down:
+                self.db_down = True
+                log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=2s", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)  # soon after MySQL is back: well within the sweep's grace
             try:
                 result = await work()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if not self.db_down:
-                    self.db_down = True
-                    log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=2s", what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)  # soon after MySQL is back: well within the sweep's grace
+            except Exception as again:
+                exc = again
                 continue
-            if self.db_down:
-                self.db_down = False
-                log.info("MySQL answers again; deliveries go on")
+            self._answers_again()
             return result
+
+    def _answers_again(self) -> None:
+        if self.db_down:
+            self.db_down = False
+            log.info("MySQL answers again; deliveries go on")
 
     async def _flush_starts(self, items: Sequence[Start]) -> list[Delivery | None]:
         rows = await self.store.begin_sending(items, self.lease, self.at_least_once)

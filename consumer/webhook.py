@@ -25,7 +25,7 @@ import os
 import select
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -149,11 +149,14 @@ class Webhook:
             request_class=_Request,
         )
 
-    async def deliver(self, row: Delivery, token: int, fallback: bool = False) -> Outcome:
+    def deliver(self, row: Delivery, token: int, fallback: bool = False) -> Coroutine[Any, Any, Outcome]:
         """One attempt, to the primary or (``fallback``: while the primary's breaker is open) the fallback
-        provider, never both: the attempt's outcome (and its ``messageId``) is that provider's."""
-        outcome = await self._deliver(row, token, fallback)
-        return dataclasses.replace(outcome, provider="fallback") if fallback else outcome
+        provider, never both: the attempt's outcome (and its ``messageId``) is that provider's. To the primary,
+        the attempt's own coroutine, not one that only forwards to it (see ``Deliveries.process``)."""
+        return self._fallback(row, token) if fallback else self._deliver(row, token, False)
+
+    async def _fallback(self, row: Delivery, token: int) -> Outcome:
+        return dataclasses.replace(await self._deliver(row, token, True), provider="fallback")
 
     async def _deliver(self, row: Delivery, token: int, fallback: bool) -> Outcome:
         attempt = row.attempts + 1
@@ -176,7 +179,10 @@ class Webhook:
                 if (header := resp.headers.get("Retry-After")) is not None:
                     retry_after = parse_retry_after(header, utcnow())
                 location = resp.headers.get("Location")
-                body = await _read_body(resp)
+                content = resp.content
+                body = await content.read(MAX_BODY)  # a small answer comes whole: no helper, no second read
+                if body and len(body) < MAX_BODY and not content.at_eof():
+                    body = await _read_rest(resp, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if status is not None:  # the service answered; only its body was cut: the status decides
                 return self._answered(row, token, attempt, started, status, retry_after, b"", location)
@@ -268,11 +274,11 @@ class Webhook:
         )
 
 
-async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole body up to :data:`MAX_BODY` (a body sent in several pieces is read to its end); beyond the
-    limit the rest is not read."""
-    parts: list[bytes] = []
-    size = 0
+async def _read_rest(resp: aiohttp.ClientResponse, first: bytes) -> bytes:
+    """The rest of a body that came in several pieces, after its ``first``, up to :data:`MAX_BODY` in all;
+    beyond the limit the rest is not read."""
+    parts = [first]
+    size = len(first)
     while size < MAX_BODY:
         chunk = await resp.content.read(MAX_BODY - size)
         if not chunk:
