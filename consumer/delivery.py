@@ -176,7 +176,11 @@ class Deliveries:
         delay = 0.2
         while True:
             if not is_transient(exc):
-                raise exc
+                if exc is first:
+                    raise exc
+                # Raised from a retry, which runs inside the caller's ``except`` of the first failure: without
+                # ``from None`` its traceback would show that outage as its cause.
+                raise exc from None
             if not self.db_down:
                 self.db_down = True
                 log.warning("MySQL unavailable during %s (%s); deliveries wait and retry every <=2s", what, exc)

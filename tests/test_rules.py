@@ -4,12 +4,15 @@ import asyncio
 import contextvars
 import datetime as dt
 import random
+import traceback
 
+import pymysql
 import pytest
 
 from common.batching import Batcher
 from common.errors import ValidationError
 from common.models import Delivery, is_outcome_unknown, outcome_unknown, validate_content, validate_recipient
+from consumer.delivery import Deliveries
 from consumer.policy import backoff_seconds, is_retryable_status, next_attempt_delay, parse_retry_after
 from consumer.service import parse_body
 
@@ -147,3 +150,31 @@ async def test_batcher_failure_reaches_every_caller_of_that_flush() -> None:
     batcher: Batcher[int, int] = Batcher(flush)
     results = await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_a_real_error_after_an_outage_is_raised_as_itself_and_the_outage_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delivery step's database retry: an outage (here a reset connection, twice) is retried and logged once;
+    a real error on a retry is raised as it is, its traceback not chained to the outage that came before."""
+    deliveries = Deliveries.__new__(Deliveries)  # the retry needs nothing of a consumer but its outage flag
+    deliveries.db_down = False
+    errors = iter(
+        [
+            ConnectionResetError("reset"),
+            ConnectionResetError("reset again"),
+            pymysql.err.OperationalError(1054, "Unknown column 'x'"),
+        ]
+    )
+
+    async def work() -> None:
+        raise next(errors)
+
+    with pytest.raises(pymysql.err.OperationalError) as caught:
+        await deliveries._persist(work, "compare-and-set")  # the first run fails, then _persist_after retries
+    text = "".join(traceback.format_exception(caught.value))
+    assert "Unknown column" in text and "ConnectionResetError:" not in text and "During handling" not in text
+    assert deliveries.db_down, "MySQL has not answered a statement yet"
+    assert [r.getMessage() for r in caplog.records if "MySQL unavailable" in r.getMessage()] == [
+        "MySQL unavailable during compare-and-set (reset); deliveries wait and retry every <=2s"
+    ]
