@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint bench chaos demo migrate services up down clean
+.PHONY: help install run test lint bench bench-instructions chaos demo migrate services up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) services ## throughput, API latency and memory benchmark (prints a table)
 	$(BIN)/python -m bench
+
+bench-instructions: $(STAMP) services ## a consumer's instructions per drained message, by callgrind (for A/B tests)
+	$(BIN)/python -m bench.instructions
 
 demo: $(RUN_STAMP) ## insert sample messages for a running system
 	$(BIN)/message-sender demo

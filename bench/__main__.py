@@ -26,7 +26,7 @@ from bench.config import PHASES, Config, ConfigError
 from bench.growth import run_growth
 from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
-from bench.procs import ROOT, Proc, Procs, free_port, wait_healthy
+from bench.procs import ROOT, Proc, Procs, free_port, service_env, wait_healthy
 from bench.report import summary, table
 from bench.steady import run_steady, run_step_search
 from bench.tracingoff import tracing_off_cost
@@ -64,12 +64,6 @@ async def start_gateway(procs: Procs, env: dict[str, str]) -> tuple[Proc, str]:
     base = f"http://127.0.0.1:{port}"
     await wait_healthy(gateway, base + "/healthz")
     return gateway, base
-
-
-def service_env(sandbox: Sandbox) -> dict[str, str]:
-    """The environment of every service process of this run (metrics listeners off unless overridden)."""
-    quiet = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text", "API_TOKEN": ""}
-    return {**sandbox.env(), **quiet, "PRODUCER_METRICS_PORT": "0", "CONSUMER_METRICS_PORT": "0"}
 
 
 async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:

@@ -10,11 +10,17 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from deploy.devsupport import ROOT, Process, free_port, stop_all, wait_http
+from deploy.devsupport import ROOT, Process, Sandbox, free_port, stop_all, wait_http
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVERS = {"mariadbd": "mysql", "mysqld": "mysql", "beam.smp": "rabbitmq", "redis-server": "redis"}
-__all__ = ["ROOT", "Proc", "Procs", "free_port", "wait_healthy"]
+__all__ = ["ROOT", "Proc", "Procs", "free_port", "service_env", "wait_healthy"]
+
+
+def service_env(sandbox: Sandbox) -> dict[str, str]:
+    """The environment of every service process of a run (metrics listeners off unless overridden)."""
+    quiet = {"LOG_LEVEL": "WARNING", "LOG_FORMAT": "text", "API_TOKEN": ""}
+    return {**sandbox.env(), **quiet, "PRODUCER_METRICS_PORT": "0", "CONSUMER_METRICS_PORT": "0"}
 
 
 def rss_mb(pid: int) -> float | None:
@@ -81,6 +87,10 @@ class Procs:
 
     def standin(self, name: str, env: dict[str, str]) -> Proc:
         return self._start(Proc.standin(name, env, self.log_dir))
+
+    def command(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        """Any command line (a service under a tool, e.g. ``valgrind ... python -m consumer``)."""
+        return self._start(Proc(name, argv, env, self.log_dir))
 
     def _start(self, proc: Proc) -> Proc:
         self.started.append(proc)
