@@ -410,7 +410,22 @@ class Sandbox:
 
 # --- the machine's own servers: which process serves each configured port ------------------------------
 
-ServerProcess = tuple[int, float]  # pid, start time (seconds since the epoch)
+ServerProcess = tuple[int, float]  # pid, start time (seconds after the machine booted)
+
+
+def _started_after_boot(process: Any) -> float:
+    """When ``process`` (a ``psutil.Process``) started, in seconds after boot: the kernel's own count
+    (``/proc/<pid>/stat``, clock ticks), which a step of the wall clock cannot move. psutil's ``create_time``
+    is boot time plus that count, and the boot time is worked out from the wall clock: when the VM's clock was
+    set 11 s forward during a CI run, every server looked restarted. Without ``/proc``: psutil's figures."""
+    try:
+        with open(f"/proc/{process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, counted from the state (field 3)
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return float(process.create_time() - psutil.boot_time())
 
 
 def server_processes(s: Settings) -> dict[str, ServerProcess | None]:
@@ -427,7 +442,7 @@ def server_processes(s: Settings) -> dict[str, ServerProcess | None]:
     for name, _, port in dependencies(s):
         pid = listening.get(port)
         try:
-            out[f"{name} (port {port})"] = None if pid is None else (pid, psutil.Process(pid).create_time())
+            out[f"{name} (port {port})"] = None if pid is None else (pid, _started_after_boot(psutil.Process(pid)))
         except psutil.Error:
             out[f"{name} (port {port})"] = None
     return out
@@ -439,6 +454,6 @@ def changed_servers(before: Mapping[str, ServerProcess | None], after: Mapping[s
     for name, was in before.items():
         now = after.get(name)
         if was is not None and now != was:
-            seen = "nothing listens now" if now is None else f"now pid {now[0]} started at {time.ctime(now[1])}"
-            out.append(f"{name}: was pid {was[0]} started at {time.ctime(was[1])}, {seen}")
+            seen = "nothing listens now" if now is None else f"now pid {now[0]} started {now[1]:.2f} s after boot"
+            out.append(f"{name}: was pid {was[0]} started {was[1]:.2f} s after boot, {seen}")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import pymysql
 import pytest
@@ -24,6 +25,24 @@ def test_the_session_watches_the_machines_own_servers(base_settings: Settings) -
     missing = [name for name, proc in seen.items() if proc is None]
     assert not missing, f"no process found behind {missing}"
     assert server_processes(base_settings) == seen, "the same servers, read twice"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="root on Linux sees the servers' sockets")
+def test_a_step_of_the_wall_clock_does_not_look_like_a_restarted_server(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI run once ended "FAILED: the machine's own servers changed", every server at its old pid but started
+    11 s later: the VM's clock had been set forward, and psutil's start time is the boot time, worked out from
+    the wall clock, plus the kernel's count. Here the boot time psutil reads is moved 11 s as that step moved it."""
+    import psutil
+    import psutil._pslinux as pslinux
+
+    before = server_processes(base_settings)
+    created = psutil.Process().create_time()
+    real_boot_time = pslinux.boot_time
+    monkeypatch.setattr(pslinux, "boot_time", lambda: real_boot_time() + 11.0)
+    assert psutil.Process().create_time() == pytest.approx(created + 11.0), "the step is simulated"
+    assert changed_servers(before, server_processes(base_settings)) == []
 
 
 @pytest.mark.private("redis")
