@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from bench.config import PHASES, Config, ConfigError
 from bench.growth import run_growth
 from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
-from bench.procs import ROOT, Proc, Procs, free_port, service_env, wait_healthy
+from bench.procs import ROOT, Proc, Procs, free_port, prune_runs, service_env, wait_healthy
 from bench.report import summary, table
 from bench.steady import run_steady, run_step_search
 from bench.tracingoff import tracing_off_cost
@@ -184,9 +183,7 @@ def _keep(run: str, line: str, keep: int = 10) -> None:
     (results / "latest.json").write_text(line + "\n")
     if (results / run).is_dir():
         (results / run / "result.json").write_text(line + "\n")
-    runs = sorted((d for d in results.glob("ms_bench_*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
-    for old in runs[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_runs(results, "ms_bench_*", keep)
 
 
 def _error(exc: BaseException, task: asyncio.Task[Any]) -> str:

@@ -11,7 +11,8 @@ the difference of the counts is what a message costs. Two counts of the same cod
 
 Under valgrind the process is some 50 times slower, so its group commits are as full as in a drain at the
 machine's limit: the count is the cost per message of a busy consumer. The callgrind files stay under
-``bench/results/<run>/`` for ``callgrind_annotate``; the last line printed is a JSON object.
+``bench/results/ms_instr_<time>/`` (the last 10 runs kept) for ``callgrind_annotate``; the last line printed is
+a JSON object.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loaddata
-from bench.procs import ROOT, Proc, Procs, free_port, service_env, wait_healthy
+from bench.procs import ROOT, Proc, Procs, free_port, prune_runs, service_env, wait_healthy
 from common.db import create_pool
 from common.errors import SettingsError
 from common.migrations import migrate
@@ -134,8 +135,10 @@ async def _one_run(base: Settings, process: str, messages: int, out_dir: Path) -
 async def run(base: Settings, process: str, small: int, large: int, out_dir: Path | None = None) -> dict[str, Any]:
     """Both runs, one after the other; the callgrind files and logs in ``out_dir`` (by default a new folder
     under ``bench/results/``)."""
-    out_dir = out_dir or ROOT / "bench" / "results" / f"ms_instr_{time.strftime('%Y%m%d-%H%M%S')}"
+    results = ROOT / "bench" / "results"
+    out_dir = out_dir or results / f"ms_instr_{time.strftime('%Y%m%d-%H%M%S')}"
     totals = {n: await _one_run(base, process, n, out_dir) for n in (small, large)}
+    await asyncio.to_thread(prune_runs, results, "ms_instr_*")  # as make bench keeps its last 10 runs
     return {
         "process": process,
         "instructions_per_message": round(per_message(totals)),

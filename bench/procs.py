@@ -7,6 +7,7 @@ of the local servers (MariaDB/MySQL, RabbitMQ, Redis) to show where the CPU went
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,7 +15,14 @@ from deploy.devsupport import ROOT, Process, Sandbox, free_port, stop_all, wait_
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVERS = {"mariadbd": "mysql", "mysqld": "mysql", "beam.smp": "rabbitmq", "redis-server": "redis"}
-__all__ = ["ROOT", "Proc", "Procs", "free_port", "service_env", "wait_healthy"]
+__all__ = ["ROOT", "Proc", "Procs", "free_port", "prune_runs", "service_env", "wait_healthy"]
+
+
+def prune_runs(results: Path, pattern: str, keep: int = 10) -> None:
+    """Remove all but the newest ``keep`` run folders matching ``pattern`` (e.g. ``ms_bench_*``) in ``results``."""
+    runs = sorted((d for d in results.glob(pattern) if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    for old in runs[: max(0, len(runs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def service_env(sandbox: Sandbox) -> dict[str, str]:

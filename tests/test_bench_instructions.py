@@ -2,6 +2,7 @@
 small real run of a consumer under callgrind."""
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import aiomysql
 import pytest
 
 from bench.instructions import InstrError, callgrind_total, config, per_message, run
+from bench.procs import prune_runs
 from common.db import connect_kwargs
 from common.settings import Settings
 
@@ -62,3 +64,13 @@ async def test_a_small_real_run_counts_a_consumers_instructions_and_leaves_nothi
     files = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.glob("*.callgrind")))
     assert files == ["consumer-10.callgrind", "consumer-30.callgrind"]
     assert await _databases(base_settings) <= before, "its databases are removed"
+
+
+def test_only_the_newest_runs_are_kept(tmp_path: Path) -> None:
+    for i in range(12):
+        run_dir = tmp_path / f"ms_instr_{i:02d}"
+        run_dir.mkdir()
+        os.utime(run_dir, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "ms_bench_00").mkdir()  # another kind of run: not this pattern's to remove
+    prune_runs(tmp_path, "ms_instr_*", keep=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ms_bench_00"] + [f"ms_instr_{i:02d}" for i in range(2, 12)]
