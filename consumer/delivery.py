@@ -93,13 +93,11 @@ class Deliveries:
             # Delivery control waits here, before the compare-and-set: a waiting message spends no attempt.
             ticket = await self.control.admit() if self.control is not None else None
             with tracing.span("compare-and-set", attributes={"message.id": message_id}):
-                start = functools.partial(self.starts.submit, (message_id, token))
                 try:
-                    row = await start()
-                except Exception as exc:
-                    row = await self._persist_after(exc, start, "compare-and-set")
-                if self.db_down:
-                    self._answers_again()
+                    row = await self.starts.submit((message_id, token))
+                except Exception as exc:  # an outage is retried, anything else raised (see _persist_after)
+                    retry_start = functools.partial(self.starts.submit, (message_id, token))
+                    row = await self._persist_after(exc, retry_start, "compare-and-set")
             if row is None:
                 return False
             if not row.won_by(token):
@@ -124,13 +122,11 @@ class Deliveries:
             if ticket is not None:
                 await self._report(ticket, outcome)
         with tracing.span("outcome commit", attributes={"message.id": message_id, "outcome": outcome.kind}):
-            finish = functools.partial(self.finishes.submit, (outcome, row))
             try:
-                await finish()
+                await self.finishes.submit((outcome, row))
             except Exception as exc:
-                await self._persist_after(exc, finish, "outcome commit")
-            if self.db_down:
-                self._answers_again()
+                retry_finish = functools.partial(self.finishes.submit, (outcome, row))
+                await self._persist_after(exc, retry_finish, "outcome commit")
         return True
 
     async def _give_back(self, message_id: int, token: int) -> None:
@@ -162,8 +158,7 @@ class Deliveries:
             result = await work()
         except Exception as exc:
             return await self._persist_after(exc, work, what)
-        if self.db_down:
-            self._answers_again()
+        self._answers_again()
         return result
 
     async def _persist_after(self, first: Exception, work: Callable[[], Awaitable[T]], what: str) -> T:
@@ -195,12 +190,15 @@ class Deliveries:
             return result
 
     def _answers_again(self) -> None:
+        """A statement succeeded: if MySQL was down, say once that it answers again. Called where the database
+        answered: each group commit's flush (the delivery steps), and the other work of :meth:`_persist`."""
         if self.db_down:
             self.db_down = False
             log.info("MySQL answers again; deliveries go on")
 
     async def _flush_starts(self, items: Sequence[Start]) -> list[Delivery | None]:
         rows = await self.store.begin_sending(items, self.lease, self.at_least_once)
+        self._answers_again()
         return [rows.get(message_id) for message_id, _ in items]
 
     async def _flush_finishes(self, items: Sequence[tuple[Outcome, Delivery]]) -> list[None]:
@@ -213,6 +211,7 @@ class Deliveries:
             recorded = await self._one_by_one(items, exc, unrecorded)
         metrics.BATCH_SIZE.observe(len(items))
         self.last_progress = time.monotonic()
+        self._answers_again()
         fenced = {o.id for o in recorded.fenced}
         entries: list[Entry] = []
         for outcome, row in items:
