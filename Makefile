@@ -13,7 +13,7 @@ TEST_WORKERS ?= 3
 .PHONY: help install run test lint bench bench-instructions chaos demo migrate services up down clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 # What running needs (make run, demo, migrate); everything else adds the test extras on top (pytest,
 # playwright, schemathesis, mypy...): a user who only runs the system never installs the test tools.

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,14 @@ async def run(base: Settings, process: str, small: int, large: int, out_dir: Pat
     }
 
 
+async def _run_until_sigterm(base: Settings, process: str, small: int, large: int) -> dict[str, Any]:
+    """:func:`run`, ended by SIGTERM as by Ctrl-C: cancelled, so its processes and sandbox are removed."""
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+    return await run(base, process, small, large)
+
+
 def main() -> int:
     try:
         process, small, large = config()
@@ -157,8 +166,8 @@ def main() -> int:
         _say(str(exc))
         return 2
     try:
-        result = asyncio.run(run(base, process, small, large))
-    except KeyboardInterrupt:
+        result = asyncio.run(_run_until_sigterm(base, process, small, large))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         _say("interrupted; everything it started is stopped and removed")
         return 130
     print(f"{process}: {result['instructions_per_message']:,} instructions a message ({large:,} vs {small:,} drained)")

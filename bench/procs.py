@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from deploy.devsupport import ROOT, Process, Sandbox, free_port, stop_all, wait_http
+from deploy.devsupport import ROOT, Process, Sandbox, free_port, proc_stat, stop_all, wait_http
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVERS = {"mariadbd": "mysql", "mysqld": "mysql", "beam.smp": "rabbitmq", "redis-server": "redis"}
@@ -46,11 +46,10 @@ def rss_mb(pid: int) -> float | None:
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of ``pid`` so far (None when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = proc_stat(pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime, fields 14 and 15 of proc(5)
 
 
 def machine_jiffies() -> tuple[int, int]:

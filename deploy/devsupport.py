@@ -413,15 +413,20 @@ class Sandbox:
 ServerProcess = tuple[int, float]  # pid, start time (seconds after the machine booted)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``fields[0]`` is the state, field 3 of
+    proc(5)); the name, in parentheses, may hold spaces. Raises ``OSError`` when there is no such process."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _started_after_boot(process: Any) -> float:
     """When ``process`` (a ``psutil.Process``) started, in seconds after boot: the kernel's own count
     (``/proc/<pid>/stat``, clock ticks), which a step of the wall clock cannot move. psutil's ``create_time``
     is boot time plus that count, and the boot time is worked out from the wall clock: when the VM's clock was
     set 11 s forward during a CI run, every server looked restarted. Without ``/proc``: psutil's figures."""
     try:
-        with open(f"/proc/{process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, counted from the state (field 3)
+        return int(proc_stat(process.pid)[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5)
     except (OSError, ValueError, IndexError):
         import psutil
 

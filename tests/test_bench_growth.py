@@ -23,6 +23,7 @@ from common.migrations import migrate
 from common.queries import MessageQueries
 from common.settings import Settings
 from common.store import MessageStore
+from deploy.devsupport import proc_stat
 from tests.procs import ARTIFACTS, ROOT
 
 TINY = {
@@ -66,7 +67,7 @@ def gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # not reaped yet: ended
+    return proc_stat(pid)[0] == "Z"  # not reaped yet: ended
 
 
 def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None:
