@@ -52,6 +52,10 @@ async def _databases(settings: Settings) -> set[str]:
         conn.close()
 
 
+# In `make chaos`, the long suite: two start-ups of a consumer under valgrind take 90 s on an idle machine and
+# went past pytest's 120 s bound beside the rest of `make test` (a clean-clone `.ci/run`, 2026-12-03).
+@pytest.mark.chaos
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 async def test_a_small_real_run_counts_a_consumers_instructions_and_leaves_nothing_behind(
     base_settings: Settings, tmp_path: Path
