@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from bench import loaddata
@@ -27,7 +28,7 @@ from bench.httplimit import http_limit
 from bench.pipeline import run_pipeline
 from bench.procs import ROOT, Proc, Procs, free_port, prune_runs, service_env, wait_healthy
 from bench.report import summary, table
-from bench.steady import run_steady, run_step_search
+from bench.steady import run_steady
 from bench.tracingoff import tracing_off_cost
 from common.db import create_pool
 from common.errors import SettingsError
@@ -35,9 +36,23 @@ from common.migrations import migrate
 from common.settings import Settings
 from deploy.devsupport import ManagementAPI, Sandbox
 
+STARTED = time.monotonic()
+
 
 def say(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+    """A progress line, with the seconds since the bench started (the phases' share of the run time)."""
+    print(f"bench: [{time.monotonic() - STARTED:3.0f}s] {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def timed(r: dict[str, Any], phase: str) -> Iterator[None]:
+    """Add the seconds of the block to ``r["phase_seconds"][phase]`` (the limit phase runs twice)."""
+    t = time.monotonic()
+    try:
+        yield
+    finally:
+        spent = r["phase_seconds"]
+        spent[phase] = spent.get(phase, 0.0) + time.monotonic() - t
 
 
 def machine() -> dict[str, Any]:
@@ -77,7 +92,7 @@ async def server_versions(pool: Any, sandbox: Sandbox) -> dict[str, str]:
 
 
 async def run(cfg: Config, base: Settings) -> dict[str, Any]:
-    r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}}
+    r: dict[str, Any] = {"config": cfg.describe(), "errors": {}, "rss_idle": {}, "rss_load": {}, "phase_seconds": {}}
     # SIGTERM ends the run like Ctrl-C does: cancelled, so every clean-up below runs (a private server killed).
     this = asyncio.current_task()
     assert this is not None
@@ -90,11 +105,12 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     started = time.monotonic()
     r["loadavg_start"] = os.getloadavg()[0]
     if cfg.runs("tracing"):  # in this process, before anything else runs on the machine
-        try:
-            r["tracing"] = tracing_off_cost()
-            say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
-        except Exception as exc:
-            r["errors"]["tracing"] = _error(exc, this)
+        with timed(r, "tracing"):
+            try:
+                r["tracing"] = tracing_off_cost()
+                say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
+            except Exception as exc:
+                r["errors"]["tracing"] = _error(exc, this)
     # The shared servers are left alone when only the growth phase runs, on a private server (and the tracing
     # phase, which runs in this process).
     servers = [p for p in PHASES if p != "tracing"]
@@ -107,12 +123,13 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
             r["versions"] = await server_versions(pool, sandbox)
         say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
         if cfg.runs("limit"):
-            try:
-                say(f"raw HTTP limit: {cfg.http_n} POSTs at concurrency {cfg.http_conc} ...")
-                r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
-                say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
-            except Exception as exc:
-                r["errors"]["limit"] = _error(exc, this)
+            with timed(r, "limit"):
+                try:
+                    say(f"raw HTTP limit: {cfg.http_n} POSTs at concurrency {cfg.http_conc} ...")
+                    r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                    say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
+                except Exception as exc:
+                    r["errors"]["limit"] = _error(exc, this)
         env = service_env(sandbox)
         base_url = None
         if cfg.runs("api"):
@@ -121,47 +138,55 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
             except Exception as exc:
                 r["errors"]["api"] = f"gateway did not start: {_error(exc, this)}"
         if cfg.runs("pipeline"):
-            try:
-                r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
-                r["rss_idle"].update(pipe["rss_idle"])
-                r["rss_load"].update(pipe["rss_load"])
-            except Exception as exc:
-                r["errors"]["pipeline"] = _error(exc, this)
-            if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
+            with timed(r, "pipeline"):
                 try:
-                    r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
-                    say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
+                    r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
+                    r["rss_idle"].update(pipe["rss_idle"])
+                    r["rss_load"].update(pipe["rss_load"])
                 except Exception as exc:
-                    r["errors"]["limit"] = _error(exc, this)
+                    r["errors"]["pipeline"] = _error(exc, this)
+            if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
+                with timed(r, "limit"):
+                    try:
+                        r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                        say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
+                    except Exception as exc:
+                        r["errors"]["limit"] = _error(exc, this)
         if cfg.runs("steady"):
-            try:
-                say(f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s ...")
-                r["steady"] = await run_steady(cfg, pool, procs, env)
-                say(f"steady state: due -> sent p99 {r['steady']['due_p99_ms']} ms; step search ...")
-                r["steady"].update(await run_step_search(cfg, pool, procs, env))
-            except Exception as exc:
-                r["errors"]["steady"] = _error(exc, this)
+            with timed(r, "steady"):
+                try:
+                    say(
+                        f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s, then {cfg.steps} steps"
+                        f" of +500 msg/s for {cfg.step_seconds:g}s each ..."
+                    )
+                    r["steady"] = st = await run_steady(cfg, pool, procs, env)
+                    steps = ", ".join(f"{s['rate']:g}: {s['due_p99_ms']} ms" for s in st["steps"])
+                    say(f"steady state: due -> sent p99 {steps}")
+                except Exception as exc:
+                    r["errors"]["steady"] = _error(exc, this)
         if cfg.runs("api") and base_url is not None:
-            try:
-                gateway = services["gateway"]
-                r["rss_idle"].setdefault("gateway", gateway.rss_mb())
-                say(f"API: bulk-loading {cfg.rows:,} sent rows ...")
-                t = time.monotonic()
-                await loaddata.load_sent(pool, cfg.rows)
-                loaded = time.monotonic() - t
-                say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
-                r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
-                r["api"]["load_seconds"] = loaded
-                say("API: POST /messages/batch of 1,000 ...")
-                r["api"]["batch"] = await run_batch(base_url, pool)
-                r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
-            except Exception as exc:
-                r["errors"]["api"] = _error(exc, this)
+            with timed(r, "api"):
+                try:
+                    gateway = services["gateway"]
+                    r["rss_idle"].setdefault("gateway", gateway.rss_mb())
+                    say(f"API: bulk-loading {cfg.rows:,} sent rows ...")
+                    t = time.monotonic()
+                    await loaddata.load_sent(pool, cfg.rows)
+                    loaded = time.monotonic() - t
+                    say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
+                    r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
+                    r["api"]["load_seconds"] = loaded
+                    say("API: POST /messages/batch of 1,000 ...")
+                    r["api"]["batch"] = await run_batch(base_url, pool)
+                    r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
+                except Exception as exc:
+                    r["errors"]["api"] = _error(exc, this)
         if cfg.runs("growth"):
-            try:
-                r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
-            except Exception as exc:
-                r["errors"]["growth"] = _error(exc, this)
+            with timed(r, "growth"):
+                try:
+                    r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
+                except Exception as exc:
+                    r["errors"]["growth"] = _error(exc, this)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
         r["errors"]["setup"] = _error(exc, this)
     finally:
@@ -220,7 +245,8 @@ def main() -> int:
     settings = {k: v for k, v in r["config"].items() if k != "skip"}
     settings["client"] = s["client"] or "-"
     print("settings: " + " ".join(f"{k}={'service default' if v is None else v}" for k, v in settings.items()))
-    print(f"run time: {r['seconds']:.0f} s\n")
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phase_seconds"].items())
+    print(f"run time: {r['seconds']:.0f} s ({phases}; the rest starting and cleaning up)\n")
     print(table(r, s))
     extra = {"machine": m, "versions": versions, "loadavg_start": round(r["loadavg_start"], 2), "run": r["run"]}
     if r.get("growth"):

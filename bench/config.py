@@ -13,11 +13,13 @@ BENCH_LEASE         600        ``CLAIM_LEASE_SECONDS`` (large: no stale re-publi
 BENCH_TIMEOUT       600        give the pipeline up after this many seconds (or 60 s without progress)
 BENCH_HTTP_N        20000      POSTs of the raw HTTP-limit phase (concurrency ``BENCH_HTTP_CONC``, 64)
 BENCH_CLIENTS       10         concurrent clients of the API phase (deep offset: always 1)
-BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 2)
+BENCH_DURATION      10         seconds measured per API scenario (after ``BENCH_WARMUP``, 1)
 BENCH_CLIENT        auto       API load client: ``wrk`` (when installed), ``python``, or ``auto``
 BENCH_SKIP          (none)     comma-separated phases to skip: ``tracing``, ``limit``, ``pipeline``, ``steady``, ``api``
-BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady``: 30 s after a 5 s warm-up)
-BENCH_STEADY_SECONDS 30        its measured window; then a step search (+500 msg/s, ``BENCH_STEPS`` steps of 8 s)
+BENCH_RATE          1000       offered msg/s of the steady-state phase (``steady``: 30 s after a 3 s warm-up)
+BENCH_STEADY_SECONDS 30        its measured window; then a step search on the same services, without a pause
+BENCH_STEPS         3          windows of the step search, each +500 msg/s
+BENCH_STEP_SECONDS  6          seconds of each step's window
 BENCH_GROWTH        0          1: also the growth phase (the queries' cost at ``BENCH_GROWTH_ROWS``)
 BENCH_GROWTH_ROWS   1000000,10000000  the table sizes of the growth phase (each >= ``BENCH_GROWTH_PENDING`` + 1000)
 BENCH_GROWTH_SERVER private    ``private``: a MariaDB of its own, configured by :data:`GROWTH_MARIADB`, every size
@@ -115,7 +117,7 @@ class Config:
     http_conc: int = 64
     clients: int = 10
     duration: float = 10.0
-    warmup: float = 2.0
+    warmup: float = 1.0
     client: str = "auto"
     skip: frozenset[str] = field(default_factory=frozenset)
     growth: tuple[int, ...] = ()
@@ -128,8 +130,8 @@ class Config:
     growth_warmup: int = 100
     rate: float = 1000.0
     steady_seconds: float = 30.0
-    warmup_steady: float = 5.0
-    step_seconds: float = 8.0
+    warmup_steady: float = 3.0
+    step_seconds: float = 6.0
     steps: int = 3
     profile: bool = False
 
@@ -163,7 +165,7 @@ class Config:
             http_conc=_int(env, "BENCH_HTTP_CONC", "64", 1),
             clients=_int(env, "BENCH_CLIENTS", "10", 1),
             duration=_float(env, "BENCH_DURATION", "10", 0.5),
-            warmup=_float(env, "BENCH_WARMUP", "2", 0),
+            warmup=_float(env, "BENCH_WARMUP", "1", 0),
             client=client,
             skip=skip,
             growth=_growth(env, pending),
@@ -177,6 +179,7 @@ class Config:
             rate=_float(env, "BENCH_RATE", "1000", 1),
             steady_seconds=_float(env, "BENCH_STEADY_SECONDS", "30", 1),
             steps=_int(env, "BENCH_STEPS", "3", 0),
+            step_seconds=_float(env, "BENCH_STEP_SECONDS", "6", 1),
             profile=_get(env, "BENCH_PROFILE", "0") in ("1", "true", "yes"),
         )
 

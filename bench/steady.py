@@ -61,11 +61,33 @@ async def _window(pool: aiomysql.Pool, since: float, until: float) -> dict[str, 
     return figures
 
 
-async def run_steady(
-    cfg: Config, pool: aiomysql.Pool, procs: Procs, env: dict[str, str], rate: float | None = None
-) -> dict[str, Any]:
-    """One steady run at ``rate`` (default ``BENCH_RATE``) with fresh services; stopped by pid at the end."""
-    rate = rate or cfg.rate
+STEP = 500.0  # msg/s added by each step of the search
+STEP_SETTLE = 1.0  # seconds each step is offered before its window opens
+STEP_BAR_MS = 250.0  # a step passes while its due -> sent p99 stays under this, with nothing missing
+
+
+def step_rates(rate: float, steps: int) -> list[float]:
+    """The offered rate of each measured window: ``rate`` (the steady window), then ``steps`` steps of +500."""
+    return [rate + STEP * i for i in range(steps + 1)]
+
+
+def highest_passing(steps: list[dict[str, Any]]) -> tuple[float | None, bool]:
+    """The highest rate of the unbroken run of passing windows from the first, and whether the search was
+    capped: every window passed, so the true highest rate is that one or more."""
+    best = None
+    for step in steps:
+        if not step["ok"]:
+            return best, False
+        best = step["rate"]
+    return best, best is not None
+
+
+async def run_steady(cfg: Config, pool: aiomysql.Pool, procs: Procs, env: dict[str, str]) -> dict[str, Any]:
+    """The steady window at ``BENCH_RATE`` after a warm-up, then the step search on the same services, offered
+    without a pause: ``BENCH_STEPS`` windows of ``BENCH_STEP_SECONDS``, each 500 msg/s more than the one before.
+    The services start once, with a batch that carries the highest step (a cap: a tick claims what is due, so a
+    larger cap changes nothing at a lower rate); they are stopped by pid at the end."""
+    rates = step_rates(cfg.rate, cfg.steps)
     store = MessageStore(pool)
     await store.set_sending(False)
     async with pool.acquire() as conn, conn.cursor() as cur:
@@ -76,8 +98,8 @@ async def run_steady(
         await cur.execute("TRUNCATE TABLE messages")
         await cur.execute("TRUNCATE TABLE message_attempts")
     await store.recount()  # TRUNCATE bypasses the counts
-    batch = max(1, math.ceil(rate * INTERVAL * 1.5))  # half again what a tick must carry: claims keep up
-    standin = procs.standin(f"standin-steady-{rate:g}", {})
+    batch = max(1, math.ceil(max(rates) * INTERVAL * 1.5))  # half again what a tick must carry: claims keep up
+    standin = procs.standin("standin-steady", {})
     webhook = f"http://127.0.0.1:{standin.port}"
     await wait_healthy(standin, webhook + "/_control/health", timeout=20)
     service_env = {**env, "WEBHOOK_URL": webhook + "/webhook", "CLAIM_LEASE_SECONDS": str(cfg.lease)}
@@ -85,23 +107,25 @@ async def run_steady(
     health = []
     for i in range(1, cfg.consumers + 1):
         port = free_port()
-        proc = procs.service(
-            f"consumer-steady-{rate:g}-{i}", "consumer", {**service_env, "CONSUMER_METRICS_PORT": str(port)}
-        )
+        proc = procs.service(f"consumer-steady-{i}", "consumer", {**service_env, "CONSUMER_METRICS_PORT": str(port)})
         started.append(proc)
         health.append(wait_healthy(proc, f"http://127.0.0.1:{port}/healthz"))
     port = free_port()
     producer_env = {**service_env, "PRODUCER_METRICS_PORT": str(port), "SEND_INTERVAL_SECONDS": str(INTERVAL),
                     "SEND_BATCH_SIZE": str(batch)}  # fmt: skip
-    started.append(procs.service(f"producer-steady-{rate:g}", "producer", producer_env))
+    started.append(procs.service("producer-steady", "producer", producer_env))
     health.append(wait_healthy(started[-1], f"http://127.0.0.1:{port}/healthz"))
     try:
         await asyncio.gather(*health)
         await store.set_sending(True)
-        await _offer(store, rate, cfg.warmup_steady)
-        since = time.time()
-        offered = await _offer(store, rate, cfg.steady_seconds)
-        until = time.time()
+        await _offer(store, cfg.rate, cfg.warmup_steady)
+        windows = []
+        for i, rate in enumerate(rates):
+            if i:  # the new rate settles first: the producer's ticks and the consumers' prefetch catch up
+                await _offer(store, rate, STEP_SETTLE)
+            since = time.time()
+            offered = await _offer(store, rate, cfg.steady_seconds if i == 0 else cfg.step_seconds)
+            windows.append((rate, since, time.time(), offered))
 
         async def drained() -> bool:
             async with pool.acquire() as conn, conn.cursor() as cur:
@@ -113,34 +137,32 @@ async def run_steady(
             if await drained():
                 break
             await asyncio.sleep(0.2)
-        figures = await _window(pool, since, until)
         async with aiohttp.ClientSession() as session, session.get(webhook + "/_control/stats") as resp:
             stats = await resp.json()
+        duplicates = sum(n - 1 for n in stats["duplicates"].values())  # of the whole run: every window's
+        steps = []
+        for rate, since, until, offered in windows:
+            got = await _window(pool, since, until)
+            ok = (got["due_p99_ms"] or 1e9) < STEP_BAR_MS and not got["missing"] and not duplicates
+            steps.append({"rate": rate, "seconds": until - since, "due_p99_ms": got["due_p99_ms"],
+                          "missing": got["missing"], "ok": ok, "offered": offered, "figures": got})  # fmt: skip
+        first = steps[0]
+        figures: dict[str, Any] = first.pop("figures")
+        for step in steps[1:]:
+            del step["figures"]
+        best, capped = highest_passing(steps)
         figures.update(
-            rate_offered=rate,
-            rate_achieved=figures["sent"] / (until - since),
-            inserted=offered,
-            duplicates=sum(n - 1 for n in stats["duplicates"].values()),
+            rate_offered=cfg.rate,
+            rate_achieved=figures["sent"] / first["seconds"],
+            inserted=first["offered"],
+            duplicates=duplicates,
             interval=INTERVAL,
             batch=batch,
+            steps=steps,
+            max_rate_p99_250ms=best,
+            max_rate_capped=capped,
         )
         return figures
     finally:
         await store.set_sending(False)
         procs.stop(started)
-
-
-async def run_step_search(cfg: Config, pool: aiomysql.Pool, procs: Procs, env: dict[str, str]) -> dict[str, Any]:
-    """The highest offered rate (steps of 500 msg/s from ``BENCH_RATE``) whose due -> sent p99 stays under
-    250 ms with nothing missing; each step a short steady run."""
-    best, steps = None, []
-    rate = cfg.rate
-    short = cfg.__class__(**{**cfg.__dict__, "steady_seconds": cfg.step_seconds, "warmup_steady": 2.0})
-    for _ in range(cfg.steps):
-        got = await run_steady(short, pool, procs, env, rate)
-        ok = (got["due_p99_ms"] or 1e9) < 250 and not got["missing"] and not got["duplicates"]
-        steps.append({"rate": rate, "due_p99_ms": got["due_p99_ms"], "ok": ok})
-        if not ok:
-            break
-        best, rate = rate, rate + 500
-    return {"max_rate_p99_250ms": best, "steps": steps}
