@@ -13,6 +13,9 @@ import orjson
 import pymysql
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from common.db import connect_kwargs, create_pool
 from common.migrations import migrate
@@ -349,6 +352,29 @@ async def test_a_message_the_database_refuses_fails_alone_not_its_group(
     assert sorted(m["recipient"] for m in orjson.loads(rows)) == [m.recipient for m in good]
     assert (await store.counts_by_status())["pending"] == 5
     assert "a group of 6 creates failed" in caplog.text  # they did share one insert first
+
+
+@hsettings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(waves=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=6))
+async def test_creates_arriving_in_waves_each_get_their_own_row(store: MessageStore, waves: list[int]) -> None:
+    """Creates arriving in waves (a wave while the groups before it are still in flight): two groups insert at
+    once, and each create still answers the id of the row holding its own message, every id once, and the
+    count of pending messages grows by exactly the number created."""
+    before = (await store.counts_by_status())["pending"]
+    intake = Intake(store)
+    messages = [[NewMessage(f"+90555{w:02d}{i:05d}", f"wave {w} #{i}") for i in range(n)] for w, n in enumerate(waves)]
+    pending = []
+    for wave in messages:
+        pending += [asyncio.ensure_future(intake.create(m)) for m in wave]
+        await asyncio.sleep(0)  # the flush of what came so far starts: the next wave finds a group in flight
+    results = await asyncio.gather(*pending)
+    await intake.close()
+    ids = [message_id for message_id, _ in results]
+    assert len(set(ids)) == len(ids)
+    rows = {r["id"]: r for r in orjson.loads(await store.created_json(sorted(ids)))}
+    for (message_id, _), m in zip(results, [m for wave in messages for m in wave], strict=True):
+        assert (rows[message_id]["recipient"], rows[message_id]["content"]) == (m.recipient, m.content)
+    assert (await store.counts_by_status())["pending"] == before + len(ids)
 
 
 # --- POST /messages/batch -----------------------------------------------------------------------------
