@@ -26,7 +26,11 @@ from common.store import MessageStore
 from tests.conftest import sql
 from tests.procs import StandIn, consumer_in_process, wait_for
 
-TIMEOUT = 0.3  # WEBHOOK_TIMEOUT_SECONDS of the consumer under test
+TIMEOUT = 0.6  # WEBHOOK_TIMEOUT_SECONDS of the consumer under test
+# An answer whose delays add up to at most this must count as sent: the rest of the timeout is the consumer's
+# own time, on a machine as busy as make test makes it. 50 ms of it were once not enough (250 ms of delays
+# within a timeout of 300 ms ended failed, under make test with the vhosts made by rabbitmqctl).
+TIMELY_MS = TIMEOUT * 1000 - 300
 # Text a JSON document can carry (no lone surrogates); header values also without control characters.
 TEXT = st.characters(blacklist_categories=("Cs",))
 HEADER_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
@@ -54,9 +58,9 @@ ANSWER = st.fixed_dictionaries(
     optional={
         "headers": st.dictionaries(st.sampled_from(["Retry-After", "Location", "X-Odd"]), RETRY_AFTER, max_size=2),
         "body": BODY,
-        "delay_ms": st.sampled_from([0, 50, 250, 290, 310, 350, 600]),
+        "delay_ms": st.sampled_from([0, 50, 250, 590, 610, 650, 900]),
         "reset": st.booleans(),
-        "chunks": st.lists(st.tuples(st.sampled_from([0, 100, 350]), st.text(TEXT, max_size=30)), max_size=3),
+        "chunks": st.lists(st.tuples(st.sampled_from([0, 100, 650]), st.text(TEXT, max_size=30)), max_size=3),
     },
 )
 
@@ -127,7 +131,7 @@ async def test_every_row_ends_whatever_the_webhook_answers(
     # time, whole, is sent whatever its headers and body say.
     status = {r[0]: r[1] for r in rows}
     for request, answer in zip(await rig.standin.received(), answers, strict=False):
-        slow = answer.get("delay_ms", 0) + sum(d for d, _ in answer.get("chunks", [])) > 250
+        slow = answer.get("delay_ms", 0) + sum(d for d, _ in answer.get("chunks", [])) > TIMELY_MS
         if 200 <= answer["status"] <= 299 and not answer.get("reset") and not slow:
             assert status[int(request["key"])] == "sent", f"a timely {answer} did not count as sent"
     unexpected = [r.getMessage() for r in caplog.records if "failed unexpectedly" in r.getMessage()]
