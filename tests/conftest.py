@@ -26,8 +26,11 @@ from common.store import MessageStore
 from deploy.devsupport import (
     ROOT,
     RabbitAdmin,
+    Rabbitmqctl,
     Sandbox,
     ServerProcess,
+    VhostPool,
+    amqp_credentials,
     answers,
     changed_servers,
     dependencies,
@@ -88,9 +91,19 @@ def services_up(base_settings: Settings) -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_rabbit(base_settings: Settings) -> RabbitAdmin:
-    """How vhosts are made on the shared RabbitMQ: its management API if it answers, else rabbitmqctl."""
-    return rabbitmq_admin(base_settings)
+def shared_rabbit(base_settings: Settings) -> Iterator[RabbitAdmin]:
+    """How vhosts are made on the shared RabbitMQ: its management API if it answers, else rabbitmqctl with
+    vhosts made ahead in batches and deleted in the background (:class:`VhostPool`), each worker its own."""
+    admin = rabbitmq_admin(base_settings)
+    if not isinstance(admin, Rabbitmqctl):
+        yield admin
+        return
+    pool = VhostPool(amqp_credentials(base_settings)[0])
+    try:
+        yield pool
+    finally:
+        problems = pool.close()
+        assert not problems, f"vhosts the session could not delete: {problems}"
 
 
 @pytest.fixture
@@ -109,7 +122,8 @@ def sandbox(request: pytest.FixtureRequest, run_id: str, base_settings: Settings
         base = server.settings(base)
         if isinstance(server, PrivateRabbitMQ):
             rabbit = server.ctl
-    box = Sandbox(base, run_id, rabbit or request.getfixturevalue("shared_rabbit"))
+    admin = rabbit or request.getfixturevalue("shared_rabbit")
+    box = Sandbox(base, run_id, admin, vhost=admin.take() if isinstance(admin, VhostPool) else None)
     box.create()
     try:
         yield box

@@ -7,12 +7,13 @@ import dataclasses
 import os
 import sys
 
+import aio_pika
 import pymysql
 import pytest
 import redis
 
 from common.settings import Secret, Settings
-from deploy.devsupport import Sandbox, changed_servers, rabbitmq_admin, server_processes
+from deploy.devsupport import Sandbox, VhostPool, changed_servers, rabbitmq_admin, server_processes
 from tests.private_servers import PrivateServer
 
 
@@ -98,3 +99,29 @@ def test_settings_name_the_sandbox(base_settings: Settings) -> None:
     assert env["MYSQL_USER"] == "someone" and env["MYSQL_PASSWORD"] == "pw"
     assert env["MYSQL_DATABASE"] == "mst_x" and env["REDIS_PREFIX"] == "mst_x:"
     assert env["AMQP_URL"] == "amqp://u:p@h:5/mst_x"
+
+
+async def test_vhosts_made_ahead_serve_sandboxes_and_are_all_deleted(base_settings: Settings, run_id: str) -> None:
+    """Without the management API each sandbox's vhost cost three ``rabbitmqctl`` calls: the pool makes them
+    16 at a time and deletes them in the background. A sandbox on a pooled vhost connects and declares a
+    queue with the settings' user; after ``close()`` every vhost the pool made is gone, given back or not,
+    and a vhost that is not the pool's is made and deleted as before."""
+    pool = VhostPool("guest", prefix=f"{run_id}_")
+    try:
+        boxes = [Sandbox(base_settings, f"{run_id}_{i}", pool, vhost=pool.take()) for i in range(3)]
+        ours = {v for v in pool.vhosts() if v.startswith(f"{run_id}_")}
+        assert len(ours) == VhostPool.BATCH, "one call made a batch"
+        assert {b.vhost for b in boxes} < ours and len({b.vhost for b in boxes}) == 3
+        for box in boxes[:2]:
+            box.create()
+            connection = await aio_pika.connect(box.settings.amqp_url.reveal(), timeout=10)
+            async with connection:
+                await (await connection.channel()).declare_queue("probe", auto_delete=True)
+            assert box.remove() == []
+        own = Sandbox(base_settings, f"{run_id}_own", pool)  # not from the pool: straight through
+        own.create()
+        assert own.vhost in pool.vhosts()
+        assert own.remove() == [] and own.vhost not in pool.vhosts()
+    finally:
+        assert pool.close() == []
+    assert not [v for v in pool.vhosts() if v.startswith(f"{run_id}_")], "the third was never given back"

@@ -41,7 +41,7 @@ async def test_confirmed_publish_reaches_the_queue_and_rejects_dead_letter(setti
 
 def queue_types(sandbox: Sandbox) -> dict[str, str]:
     """The type of each queue of the run's vhost, as RabbitMQ shows it (its management API, or rabbitmqctl)."""
-    return sandbox.rabbit.queue_types(sandbox.name)
+    return sandbox.rabbit.queue_types(sandbox.vhost)
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
