@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -107,3 +111,34 @@ class StandIn:
 
     def close(self) -> None:
         self.service.close()
+
+
+# --- make bench, as a user runs it ----------------------------------------------------------------------------
+
+# Python's own Ctrl-C handler, as in a terminal (a process started in the background may inherit SIGINT ignored).
+BENCH = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); runpy.run_module('bench', run_name='__main__')"  # noqa: E501
+
+
+def start_bench(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m bench`` with ``env`` added, its progress (stderr) into ``log``, its table on a pipe."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-c", BENCH], cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+        )  # fmt: skip
+
+
+def run_bench(env: dict[str, str], log: Path, timeout: float) -> tuple[str, dict[str, Any], str]:
+    """A whole bench run that must end well (exit 0, no phase's error): its table, its JSON line, its log."""
+    bench = start_bench(env, log)
+    try:
+        out, _ = bench.communicate(timeout=timeout)
+    finally:
+        bench.kill()
+    err = log.read_text(errors="replace")
+    assert bench.returncode == 0, err[-3000:]
+    table = out.decode()
+    result: dict[str, Any] = json.loads(table.strip().splitlines()[-1])
+    assert result["errors"] == {}, result["errors"]
+    return table, result, err

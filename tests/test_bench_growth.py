@@ -4,12 +4,9 @@ Ctrl-C half-way. What it measures at 10 M rows is for ``make bench``, not for a 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from common.queries import MessageQueries
 from common.settings import Settings
 from common.store import MessageStore
 from deploy.devsupport import proc_stat
-from tests.procs import ARTIFACTS, ROOT
+from tests.procs import ARTIFACTS, run_bench, start_bench
 
 TINY = {
     "BENCH_GROWTH": "1",
@@ -38,17 +35,6 @@ TINY = {
     "BENCH_GROWTH_WARMUP": "10",
     "BENCH_GROWTH_BUFFER_POOL": "64M",
 }
-# Python's own Ctrl-C handler, as in a terminal (a process started in the background may inherit SIGINT ignored).
-BENCH = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); runpy.run_module('bench', run_name='__main__')"  # noqa: E501
-
-
-def start_bench(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-c", BENCH], cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=err, start_new_session=True,
-        )  # fmt: skip
 
 
 def private_server(log: Path, timeout: float = 60.0) -> tuple[int, Path]:
@@ -72,17 +58,9 @@ def gone(pid: int) -> bool:
 
 def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None:
     log = ARTIFACTS / "bench-growth" / "tiny.err"
-    bench = start_bench(TINY, log)
-    try:
-        out, _ = bench.communicate(timeout=90)
-    finally:
-        bench.kill()
-    err = log.read_text(errors="replace")
-    assert bench.returncode == 0, err[-3000:]
+    table, result, err = run_bench(TINY, log, timeout=90)
     pid, directory = private_server(log)
     assert gone(pid) and not directory.exists(), f"left behind: pid {pid}, {directory}\n{err[-2000:]}"
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    assert result["errors"] == {}
     growth = result["growth"]
     assert growth["server"] == "private"
     assert growth["mysql"]["innodb_buffer_pool_size"] == str(64 * 2**20)  # the configured server, not the shared
@@ -94,7 +72,6 @@ def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None
         assert all(len(ops[op]["round_p99_ms"]) == 2 for op in ops)
         assert all(ops[op]["pages"] > 0 for op in ops if op != "retention batch")  # the server's counters read
         assert growth["sizes"][rows]["load_s"] > 0
-    table = out.decode()
     for op in ("stats", "first page", "deep page", "claim 2", "retention batch"):
         assert re.search(rf"^growth +{op} p99 ms at 0\.0025M / 0\.005M rows ", table, re.M), table
     assert "p99 of each round" in table and "pages/run" in table
@@ -102,16 +79,8 @@ def test_the_growth_phase_on_a_private_server_completes_and_removes_it() -> None
 
 def test_the_growth_phase_still_runs_on_the_shared_server_in_the_runs_own_database(base_settings: Settings) -> None:
     log = ARTIFACTS / "bench-growth" / "shared.err"
-    bench = start_bench({**TINY, "BENCH_GROWTH_SERVER": "shared", "BENCH_GROWTH_ROWS": "2500"}, log)
-    try:
-        out, _ = bench.communicate(timeout=90)
-    finally:
-        bench.kill()
-    err = log.read_text(errors="replace")
-    assert bench.returncode == 0, err[-3000:]
+    _, result, err = run_bench({**TINY, "BENCH_GROWTH_SERVER": "shared", "BENCH_GROWTH_ROWS": "2500"}, log, timeout=90)
     assert "private MariaDB" not in err
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    assert result["errors"] == {}
     growth = result["growth"]
     assert growth["server"] == "shared" and growth["ops"]["2500"]["claim 2"]["n"] == 20
     conn = pymysql.connect(**connect_kwargs(base_settings, with_db=False))  # type: ignore[arg-type]

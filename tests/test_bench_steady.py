@@ -4,7 +4,6 @@ against generated outcomes. What it measures at 1,000 msg/s is for ``make bench`
 
 from __future__ import annotations
 
-import json
 import re
 
 import pymysql
@@ -17,8 +16,7 @@ from bench.report import steady_rows
 from bench.steady import highest_passing, step_rates
 from common.db import connect_kwargs
 from common.settings import Settings
-from tests.procs import ARTIFACTS
-from tests.test_bench_growth import start_bench
+from tests.procs import ARTIFACTS, run_bench
 
 TINY = {
     "BENCH_SKIP": "tracing,limit,pipeline,api",
@@ -30,16 +28,7 @@ TINY = {
 
 
 def test_a_tiny_steady_run_reports_every_window_and_leaves_nothing(base_settings: Settings) -> None:
-    log = ARTIFACTS / "bench-steady" / "tiny.err"
-    bench = start_bench(TINY, log)
-    try:
-        out, _ = bench.communicate(timeout=120)
-    finally:
-        bench.kill()
-    err = log.read_text(errors="replace")
-    assert bench.returncode == 0, err[-3000:]
-    table, result = out.decode(), json.loads(out.decode().strip().splitlines()[-1])
-    assert result["errors"] == {}
+    table, result, _ = run_bench(TINY, ARTIFACTS / "bench-steady" / "tiny.err", timeout=120)
     assert [s["rate"] for s in result["steady_steps"]] == [100, 600, 1100]
     assert all(s["due_p99_ms"] is not None for s in result["steady_steps"]), "every window has its rows"
     assert result["steady_rate"] is not None and result["latency_due_p99_ms"] is not None
