@@ -331,7 +331,9 @@ def _pool_reads(reads: dict[str, int], during: str) -> str:
 def steady_rows(st: dict[str, Any]) -> list[Row]:
     if not st:
         return []
-    clean = not st["missing"] and not st["duplicates"]
+    clean = not st["missing"] and not st["duplicates"] and not st.get("duplicates_run")
+    dupes = f"{st['duplicates']}" + (f" (the whole run: {st['duplicates_run']})" if st.get("duplicates_run") else "")
+    ended = len(st["steps"]) < st.get("steps_planned", 0)
     return [
         ("steady", f"offered / achieved, {st['interval']:g} s x {st['batch']}",
          f"{_n(st['rate_offered'])} / {_n(st['rate_achieved'])} msg/s", "", ""),
@@ -341,9 +343,10 @@ def steady_rows(st: dict[str, Any]) -> list[Row]:
         ("steady", "due -> sent p50 / p95 / p99 / max",
          " / ".join(_n(st[f"due_{k}"], 1) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")) + " ms",
          f"p99 < {BAR_STEADY_DUE_P99_MS:g} ms", _verdict((st["due_p99_ms"] or 1e9) < BAR_STEADY_DUE_P99_MS)),
-        ("steady", "missing; duplicates", f"{st['missing']}; {st['duplicates']}", "0 / 0", _verdict(clean)),
+        ("steady", "missing; duplicates", f"{st['missing']}; {dupes}", "0 / 0", _verdict(clean)),
         ("steady", "step windows, due -> sent p99 (msg/s: ms)",
-         ", ".join(f"{_n(s['rate'])}: {_n(s['due_p99_ms'], 0)}" + ("" if s["ok"] else " x") for s in st["steps"]),
+         ", ".join(f"{_n(s['rate'])}: {_n(s['due_p99_ms'], 0)}" + ("" if s["ok"] else " x") for s in st["steps"])
+         + ("; then a backlog ended the search" if ended else ""),
          "", ""),
         ("steady", "highest rate with due -> sent p99 < 250 ms", _max_rate(st), "", ""),
     ]  # fmt: skip

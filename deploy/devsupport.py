@@ -335,7 +335,12 @@ class VhostPool(Rabbitmqctl):
         with self._lock:
             if not self._ready:
                 names = [f"{self.prefix}{secrets.token_hex(5)}" for _ in range(self.BATCH)]
-                self.create_vhosts(names, self.user)
+                try:
+                    self.create_vhosts(names, self.user)
+                except BaseException:  # the import may have made some of them before it failed
+                    for vhost in names:
+                        super().delete_vhost(vhost)
+                    raise
                 self._ready = names
             vhost = self._ready.pop()
             self._taken.add(vhost)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -135,7 +136,12 @@ def run_bench(env: dict[str, str], log: Path, timeout: float) -> tuple[str, dict
     try:
         out, _ = bench.communicate(timeout=timeout)
     finally:
-        bench.kill()
+        if bench.poll() is None:  # cut short: SIGTERM, which the bench cleans up on, then its whole group
+            bench.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                bench.wait(30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(bench.pid, signal.SIGKILL)
     err = log.read_text(errors="replace")
     assert bench.returncode == 0, err[-3000:]
     table = out.decode()

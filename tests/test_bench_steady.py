@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bench.config import Config, ConfigError
 from bench.report import steady_rows
-from bench.steady import highest_passing, step_rates
+from bench.steady import duplicates_within, highest_passing, step_rates
 from common.db import connect_kwargs
 from common.settings import Settings
 from tests.procs import ARTIFACTS, run_bench
@@ -27,8 +27,9 @@ TINY = {
 }
 
 
+@pytest.mark.timeout(240)  # past run_bench's own bound, so that it, not pytest, ends a run that hangs
 def test_a_tiny_steady_run_reports_every_window_and_leaves_nothing(base_settings: Settings) -> None:
-    table, result, _ = run_bench(TINY, ARTIFACTS / "bench-steady" / "tiny.err", timeout=120)
+    table, result, _ = run_bench(TINY, ARTIFACTS / "bench-steady" / "tiny.err", timeout=150)
     assert [s["rate"] for s in result["steady_steps"]] == [100, 600, 1100]
     assert all(s["due_p99_ms"] is not None for s in result["steady_steps"]), "every window has its rows"
     assert result["steady_rate"] is not None and result["latency_due_p99_ms"] is not None
@@ -43,6 +44,17 @@ def test_a_tiny_steady_run_reports_every_window_and_leaves_nothing(base_settings
             assert not cur.fetchall(), f"the run's database {result['run']} was left behind"
     finally:
         conn.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_rate_the_machine_cannot_carry_ends_the_search_after_its_window() -> None:
+    """10,000 msg/s is more than two consumers send here (2,500-3,000): the window leaves a backlog, so the
+    steps above it are never offered; the run still ends well and says why the search stopped."""
+    overload = {**TINY, "BENCH_RATE": "10000", "BENCH_STEADY_SECONDS": "1"}
+    table, result, _ = run_bench(overload, ARTIFACTS / "bench-steady" / "overload.err", timeout=150)
+    assert [(s["rate"], s["ok"]) for s in result["steady_steps"]] == [(10000, False)]
+    assert result["max_rate_p99_250ms"] is None and not result["max_rate_capped"]
+    assert "then a backlog ended the search" in table, table
 
 
 def test_the_steps_climb_by_500_from_the_steady_rate() -> None:
@@ -81,6 +93,28 @@ def test_a_search_that_never_failed_says_the_rate_is_at_least_its_last_step() ->
     rows = {metric: value for _, metric, value, _, _ in steady_rows(figures)}
     assert rows["highest rate with due -> sent p99 < 250 ms"] == "1,000 msg/s"
     assert rows["step windows, due -> sent p99 (msg/s: ms)"] == "1,000: 90, 2,500: 400 x"
+
+
+def test_a_window_counts_only_the_duplicates_of_its_own_messages() -> None:
+    seen = {"7": 2, "12": 3, "40": 2, "not-an-id": 5}  # the stand-in's Idempotency-Keys seen more than once
+    assert duplicates_within(seen, (10, 39)) == 2  # message 12, twice too many
+    assert duplicates_within(seen, (1, 100)) == 4
+    assert duplicates_within(seen, None) == 0  # a window without rows
+
+
+def test_a_search_ended_by_a_backlog_says_so_and_never_reads_at_least() -> None:
+    figures = {"interval": 0.05, "batch": 188, "rate_offered": 1000, "rate_achieved": 1000, "missing": 0,
+               "duplicates": 0, "duplicates_run": 1, "max_rate_p99_250ms": 1000, "max_rate_capped": False,
+               "steps_planned": 4,
+               **{f"{k}_{q}": 1.0 for k in ("claim", "due") for q in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
+               "steps": [{"rate": 1000, "due_p99_ms": 90.0, "ok": True}, {"rate": 1500, "due_p99_ms": 900.0, "ok": False}]}  # fmt: skip  # noqa: E501
+    rows = {metric: (value, verdict) for _, metric, value, _, verdict in steady_rows(figures)}
+    assert rows["step windows, due -> sent p99 (msg/s: ms)"][0] == (
+        "1,000: 90, 1,500: 900 x; then a backlog ended the search"
+    )
+    assert rows["highest rate with due -> sent p99 < 250 ms"][0] == "1,000 msg/s"
+    # a duplicate anywhere in the run (here in a later window) fails the steady bar's "0 duplicates"
+    assert rows["missing; duplicates"] == ("0; 0 (the whole run: 1)", "FAIL")
 
 
 @pytest.mark.parametrize("value", ["0.5", "soon"])

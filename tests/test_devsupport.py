@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from common.settings import Secret, Settings
-from deploy.devsupport import Sandbox, VhostPool, changed_servers, rabbitmq_admin, server_processes
+from deploy.devsupport import Sandbox, VhostPool, amqp_credentials, changed_servers, rabbitmq_admin, server_processes
 from tests.private_servers import PrivateServer
 
 
@@ -106,7 +106,7 @@ async def test_vhosts_made_ahead_serve_sandboxes_and_are_all_deleted(base_settin
     16 at a time and deletes them in the background. A sandbox on a pooled vhost connects and declares a
     queue with the settings' user; after ``close()`` every vhost the pool made is gone, given back or not,
     and a vhost that is not the pool's is made and deleted as before."""
-    pool = VhostPool("guest", prefix=f"{run_id}_")
+    pool = VhostPool(amqp_credentials(base_settings)[0], prefix=f"{run_id}_")
     try:
         boxes = [Sandbox(base_settings, f"{run_id}_{i}", pool, vhost=pool.take()) for i in range(3)]
         ours = {v for v in pool.vhosts() if v.startswith(f"{run_id}_")}
