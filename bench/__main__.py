@@ -45,14 +45,17 @@ def say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def timed(r: dict[str, Any], phase: str) -> Iterator[None]:
-    """Add the seconds of the block to ``r["phase_seconds"][phase]`` (the limit phase runs twice)."""
+def phase(r: dict[str, Any], name: str, task: asyncio.Task[Any]) -> Iterator[None]:
+    """One phase's block: its error goes to ``r["errors"][name]`` (the run goes on with the next phase) and its
+    seconds are added to ``r["phase_seconds"][name]`` (the limit phase runs twice)."""
     t = time.monotonic()
     try:
         yield
+    except Exception as exc:
+        r["errors"][name] = _error(exc, task)
     finally:
         spent = r["phase_seconds"]
-        spent[phase] = spent.get(phase, 0.0) + time.monotonic() - t
+        spent[name] = spent.get(name, 0.0) + time.monotonic() - t
 
 
 def machine() -> dict[str, Any]:
@@ -105,12 +108,9 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
     started = time.monotonic()
     r["loadavg_start"] = os.getloadavg()[0]
     if cfg.runs("tracing"):  # in this process, before anything else runs on the machine
-        with timed(r, "tracing"):
-            try:
-                r["tracing"] = tracing_off_cost()
-                say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
-            except Exception as exc:
-                r["errors"]["tracing"] = _error(exc, this)
+        with phase(r, "tracing", this):
+            r["tracing"] = tracing_off_cost()
+            say(f"tracing hooks, tracing off: {r['tracing']['us_per_message']:.2f} µs per message")
     # The shared servers are left alone when only the growth phase runs, on a private server (and the tracing
     # phase, which runs in this process).
     servers = [p for p in PHASES if p != "tracing"]
@@ -123,13 +123,10 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
             r["versions"] = await server_versions(pool, sandbox)
         say(f"isolated run {sandbox.name}; logs in bench/results/{sandbox.name}/")
         if cfg.runs("limit"):
-            with timed(r, "limit"):
-                try:
-                    say(f"raw HTTP limit: {cfg.http_n} POSTs at concurrency {cfg.http_conc} ...")
-                    r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
-                    say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
-                except Exception as exc:
-                    r["errors"]["limit"] = _error(exc, this)
+            with phase(r, "limit", this):
+                say(f"raw HTTP limit: {cfg.http_n} POSTs at concurrency {cfg.http_conc} ...")
+                r["limit"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                say(f"raw HTTP limit: {r['limit']['rate']:.0f}/s")
         env = service_env(sandbox)
         base_url = None
         if cfg.runs("api"):
@@ -138,55 +135,40 @@ async def run(cfg: Config, base: Settings) -> dict[str, Any]:
             except Exception as exc:
                 r["errors"]["api"] = f"gateway did not start: {_error(exc, this)}"
         if cfg.runs("pipeline"):
-            with timed(r, "pipeline"):
-                try:
-                    r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
-                    r["rss_idle"].update(pipe["rss_idle"])
-                    r["rss_load"].update(pipe["rss_load"])
-                except Exception as exc:
-                    r["errors"]["pipeline"] = _error(exc, this)
+            with phase(r, "pipeline", this):
+                r["pipeline"] = pipe = await run_pipeline(cfg, pool, procs, env, services)
+                r["rss_idle"].update(pipe["rss_idle"])
+                r["rss_load"].update(pipe["rss_load"])
             if cfg.runs("limit") and "limit" in r:  # the same ceiling again: the ratio divides by their mean
-                with timed(r, "limit"):
-                    try:
-                        r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
-                        say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
-                    except Exception as exc:
-                        r["errors"]["limit"] = _error(exc, this)
+                with phase(r, "limit", this):
+                    r["limit_after"] = await http_limit(procs, cfg.http_n, cfg.http_conc)
+                    say(f"raw HTTP limit after the drain: {r['limit_after']['rate']:.0f}/s")
         if cfg.runs("steady"):
-            with timed(r, "steady"):
-                try:
-                    say(
-                        f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s, then {cfg.steps} steps"
-                        f" of +500 msg/s for {cfg.step_seconds:g}s each ..."
-                    )
-                    r["steady"] = st = await run_steady(cfg, pool, procs, env)
-                    steps = ", ".join(f"{s['rate']:g}: {s['due_p99_ms']} ms" for s in st["steps"])
-                    say(f"steady state: due -> sent p99 {steps}")
-                except Exception as exc:
-                    r["errors"]["steady"] = _error(exc, this)
+            with phase(r, "steady", this):
+                say(
+                    f"steady state: {cfg.rate:g} msg/s offered for {cfg.steady_seconds:g}s, then {cfg.steps} steps"
+                    f" of +500 msg/s for {cfg.step_seconds:g}s each ..."
+                )
+                r["steady"] = st = await run_steady(cfg, pool, procs, env)
+                steps = ", ".join(f"{s['rate']:g}: {s['due_p99_ms']} ms" for s in st["steps"])
+                say(f"steady state: due -> sent p99 {steps}")
         if cfg.runs("api") and base_url is not None:
-            with timed(r, "api"):
-                try:
-                    gateway = services["gateway"]
-                    r["rss_idle"].setdefault("gateway", gateway.rss_mb())
-                    say(f"API: bulk-loading {cfg.rows:,} sent rows ...")
-                    t = time.monotonic()
-                    await loaddata.load_sent(pool, cfg.rows)
-                    loaded = time.monotonic() - t
-                    say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
-                    r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
-                    r["api"]["load_seconds"] = loaded
-                    say("API: POST /messages/batch of 1,000 ...")
-                    r["api"]["batch"] = await run_batch(base_url, pool)
-                    r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
-                except Exception as exc:
-                    r["errors"]["api"] = _error(exc, this)
+            with phase(r, "api", this):
+                gateway = services["gateway"]
+                r["rss_idle"].setdefault("gateway", gateway.rss_mb())
+                say(f"API: bulk-loading {cfg.rows:,} sent rows ...")
+                t = time.monotonic()
+                await loaddata.load_sent(pool, cfg.rows)
+                loaded = time.monotonic() - t
+                say(f"API: loaded in {loaded:.1f}s; load client {pick_client(cfg)}")
+                r["api"] = await run_api(cfg, base_url, pool, gateway.pid)
+                r["api"]["load_seconds"] = loaded
+                say("API: POST /messages/batch of 1,000 ...")
+                r["api"]["batch"] = await run_batch(base_url, pool)
+                r["rss_load"]["gateway"] = max(r["rss_load"].get("gateway") or 0, gateway.rss_mb() or 0)
         if cfg.runs("growth"):
-            with timed(r, "growth"):
-                try:
-                    r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
-                except Exception as exc:
-                    r["errors"]["growth"] = _error(exc, this)
+            with phase(r, "growth", this):
+                r["growth"] = await run_growth(cfg, pool, sandbox.settings, say)
     except Exception as exc:  # the sandbox could not be set up: report it like a phase error
         r["errors"]["setup"] = _error(exc, this)
     finally:
